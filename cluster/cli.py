@@ -1,0 +1,262 @@
+"""`dfs`: the command line for people and scripts.
+
+Every subcommand is a thin layer over `cluster.client.Client`. Errors are one line on stderr
+and a non-zero exit, never a traceback: 1 for a failed operation, 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat as stat_mod
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from cluster import config
+from cluster.client import Attr, Client
+from cluster.errors import DfsError, IsADir, NotFound
+from cluster.logs import setup_logging
+
+
+def _mode_string(mode: int) -> str:
+    return stat_mod.filemode(mode)
+
+
+def _time(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ns / 1e9))
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _attr_json(attr: Attr) -> dict[str, Any]:
+    return {
+        "ino": attr.ino,
+        "mode": oct(attr.mode),
+        "type": "dir" if attr.is_dir else "file" if attr.is_file else "other",
+        "nlink": attr.nlink,
+        "uid": attr.uid,
+        "gid": attr.gid,
+        "size": attr.size,
+        "mtime_ns": attr.mtime_ns,
+    }
+
+
+async def cmd_put(client: Client, args: argparse.Namespace) -> int:
+    remote = args.remote
+    try:
+        target = await client.resolve(remote)
+        if target.is_dir:
+            remote = remote.rstrip("/") + "/" + os.path.basename(args.local)
+    except NotFound:
+        pass
+    if os.path.isdir(args.local):
+        raise IsADir(f"{args.local} is a directory")
+    await client.upload(args.local, remote)
+    return 0
+
+
+async def cmd_get(client: Client, args: argparse.Namespace) -> int:
+    local = args.local
+    if os.path.isdir(local):
+        local = os.path.join(local, os.path.basename(args.remote.rstrip("/")))
+    await client.download(args.remote, local)
+    return 0
+
+
+async def cmd_ls(client: Client, args: argparse.Namespace) -> int:
+    attr = await client.resolve(args.path)
+    entries = (
+        [
+            (e.name.decode(errors="surrogateescape"), e.attr)
+            for e in await client.list_dir(args.path)
+        ]
+        if attr.is_dir
+        else [(args.path, attr)]
+    )
+    if args.json:
+        print(json.dumps([{"name": n, **_attr_json(a)} for n, a in entries]))
+        return 0
+    for name, a in sorted(entries):
+        print(
+            f"{_mode_string(a.mode)} {a.nlink:>3} {a.uid:>5} {a.gid:>5} {a.size:>12}"
+            f" {_time(a.mtime_ns)} {name}"
+        )
+    return 0
+
+
+async def cmd_mkdir(client: Client, args: argparse.Namespace) -> int:
+    await client.make_dirs(args.path)
+    return 0
+
+
+async def cmd_mv(client: Client, args: argparse.Namespace) -> int:
+    await client.move(args.src, args.dst)
+    return 0
+
+
+async def cmd_rm(client: Client, args: argparse.Namespace) -> int:
+    attr = await client.resolve(args.path)
+    if attr.is_dir and not args.recursive:
+        raise IsADir(f"{args.path} is a directory (use rm -r)")
+    await client.remove(args.path, recursive=args.recursive)
+    return 0
+
+
+async def cmd_stat(client: Client, args: argparse.Namespace) -> int:
+    attr = await client.resolve(args.path)
+    chunks = await client.get_chunks(attr.ino) if attr.is_file else None
+    if args.json:
+        out = _attr_json(attr)
+        if chunks is not None:
+            out["chunk_size"] = chunks.chunk_size
+            out["chunks"] = [
+                {
+                    "index": c.index,
+                    "id": c.chunk_id,
+                    "version": c.version,
+                    "length": c.length,
+                    "keepers": list(c.keepers),
+                }
+                for c in sorted(chunks.chunks.values(), key=lambda c: c.index)
+            ]
+        print(json.dumps(out))
+        return 0
+    print(f"  path: {args.path}")
+    print(
+        f"  type: {'directory' if attr.is_dir else 'file' if attr.is_file else 'other'}"
+        f"  inode: {attr.ino}  links: {attr.nlink}"
+    )
+    print(f"  mode: {_mode_string(attr.mode)}  uid: {attr.uid}  gid: {attr.gid}")
+    print(f"  size: {attr.size} ({_size(attr.size)})  modified: {_time(attr.mtime_ns)}")
+    if chunks is not None:
+        print(f"  chunks: {len(chunks.chunks)} of {_size(chunks.chunk_size)}")
+        for c in sorted(chunks.chunks.values(), key=lambda c: c.index):
+            keepers = ", ".join(c.keepers) or "NO COPIES"
+            print(
+                f"    #{c.index:<5} id {c.chunk_id:016x} v{c.version:<4} {c.length:>10} B"
+                f"  on {keepers}"
+            )
+    return 0
+
+
+async def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    status = await client.cluster_status()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "keepers": status.keepers,
+                    "chunk_size": status.chunk_size_bytes,
+                    "replication": status.replication,
+                    "files": status.files,
+                    "chunks": status.chunks,
+                }
+            )
+        )
+        return 0
+    print(
+        f"replication {status.replication}, chunk size {_size(status.chunk_size_bytes)},"
+        f" {status.files} inodes, {status.chunks} chunks"
+    )
+    header = ("ADDRESS", "STATE", "ZONE", "USED", "CAPACITY", "CHUNKS")
+    rows = [header] + [
+        (
+            k["addr"],
+            k["state"],
+            k["zone"] or "-",
+            _size(k["used_bytes"]),
+            _size(k["capacity_bytes"]),
+            str(k["chunks"]),
+        )
+        for k in status.keepers
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+COMMANDS = {
+    "put": cmd_put,
+    "get": cmd_get,
+    "ls": cmd_ls,
+    "mkdir": cmd_mkdir,
+    "mv": cmd_mv,
+    "rm": cmd_rm,
+    "stat": cmd_stat,
+    "status": cmd_status,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dfs", description="Use a dfs cluster.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("put", help="copy a local file into the cluster")
+    p.add_argument("local")
+    p.add_argument("remote")
+    p = sub.add_parser("get", help="copy a cluster file to a local path")
+    p.add_argument("remote")
+    p.add_argument("local")
+    p = sub.add_parser("ls", help="list a directory")
+    p.add_argument("path", nargs="?", default="/")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("mkdir", help="make a directory and its parents")
+    p.add_argument("path")
+    p = sub.add_parser("mv", help="rename or move")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p = sub.add_parser("rm", help="remove a file, or a tree with -r")
+    p.add_argument("-r", "--recursive", action="store_true")
+    p.add_argument("path")
+    p = sub.add_parser("stat", help="attributes and chunks of a path")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("status", help="the keepers and their state")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+async def _run(args: argparse.Namespace, settings: dict[str, Any]) -> int:
+    async with Client.connect(
+        settings["tracker"],
+        transfers=settings["transfers"],
+        retry_window_s=settings["retry_window_s"],
+        io_timeout_s=settings["io_timeout_s"],
+    ) as client:
+        return await COMMANDS[args.command](client, args)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args, settings = config.parse(parser, "cli", argv)
+    setup_logging(settings["log_level"] if args.__dict__.get("log_level") else "ERROR", "dfs")
+    try:
+        code = trio.run(_run, args, settings)
+    except DfsError as exc:
+        print(f"dfs {args.command}: {exc.message}", file=sys.stderr)
+        code = 1
+    except OSError as exc:
+        print(
+            f"dfs {args.command}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+            file=sys.stderr,
+        )
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,616 @@
+"""The one client core: the `dfs` command, the Python API and the mount all go through here.
+
+`Client` talks to the tracker for names and chunk lists and to keepers for chunk bytes.
+
+Tracker calls retry `Unavailable` (connection refused, reset, timeout) inside one
+`retry_window_s`, so a tracker restart is a pause, not an error (guarantee 5). Keeper calls
+fail over: a read tries each copy in turn (nearest/healthiest first), checking every block's
+xxh3 against checksums whose digest the tracker vouches for, and reports bad copies; a write
+that fails asks the tracker for a placement without the failed keepers and tries again.
+Parallelism is bounded by one `CapacityLimiter` of `transfers` per client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat as stat_mod
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from cluster import checksum
+from cluster import messages as m
+from cluster.errors import (
+    ChecksumMismatch,
+    DfsError,
+    IsADir,
+    NoSpace,
+    NotADir,
+    NotFound,
+    Unavailable,
+)
+from cluster.rpc import ConnectionPool
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=m.Message)
+T = TypeVar("T")
+
+ROOT_INO = 1
+READDIR_PAGE = 1000
+# How often a write retries with a fresh placement before giving up.
+WRITE_ATTEMPTS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """An inode's attributes as the tracker last reported them."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    generation: int
+
+    @classmethod
+    def from_wire(cls, values: list[int]) -> Attr:
+        if len(values) != 11:
+            raise Unavailable("malformed attributes from the tracker")
+        return cls(*values)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat_mod.S_ISDIR(self.mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat_mod.S_ISREG(self.mode)
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    name: bytes
+    attr: Attr
+    next_offset: int  # the readdir cookie that continues after this entry
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkInfo:
+    """One committed (or just written) chunk version and where its copies are."""
+
+    index: int
+    chunk_id: int
+    version: int
+    length: int
+    digest: int
+    keepers: tuple[str, ...]
+
+    def to_wire(self) -> list[object]:
+        return [
+            self.index,
+            self.chunk_id,
+            self.version,
+            self.length,
+            self.digest,
+            list(self.keepers),
+        ]
+
+    @classmethod
+    def from_wire(cls, values: list[Any]) -> ChunkInfo:
+        index, chunk_id, version, length, digest, keepers = values
+        return cls(index, chunk_id, version, length, digest, tuple(str(k) for k in keepers))
+
+
+@dataclass(slots=True)
+class FileChunks:
+    """A file's committed chunk list: `chunks` by index; a missing index is a hole."""
+
+    size: int
+    chunk_size: int
+    chunks: dict[int, ChunkInfo] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FsStats:
+    capacity_bytes: int
+    used_bytes: int
+    free_bytes: int
+    files: int
+
+
+class Client:
+    """Connect with `async with Client.connect(tracker) as client:`."""
+
+    def __init__(
+        self,
+        tracker: str,
+        *,
+        transfers: int = 8,
+        retry_window_s: float = 30.0,
+        io_timeout_s: float = 10.0,
+        role: str = "client",
+    ) -> None:
+        self.tracker = tracker
+        self.retry_window_s = retry_window_s
+        self.io_timeout_s = io_timeout_s
+        self.session = uuid.uuid4().hex
+        self.pool = ConnectionPool(role)
+        self.transfers = trio.CapacityLimiter(max(1, transfers))
+        # Keepers that recently failed us: tried last until they answer again.
+        self._suspect: dict[str, float] = {}
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, tracker: str, **options: object) -> AsyncIterator[Client]:
+        client = cls(tracker, **options)  # type: ignore[arg-type]
+        try:
+            yield client
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.pool.aclose()
+
+    # --- tracker calls --------------------------------------------------------------------
+
+    async def _tracker(self, request: m.Message, response: type[R]) -> R:
+        """Call the tracker, retrying while it is unreachable, for at most retry_window_s."""
+        delay = 0.05
+        deadline = trio.current_time() + self.retry_window_s
+        while True:
+            try:
+                with trio.fail_after(max(self.io_timeout_s, 30.0)):
+                    reply, _ = await self.pool.call(self.tracker, request, response)
+                return reply
+            except (Unavailable, trio.TooSlowError) as exc:
+                if trio.current_time() + delay > deadline:
+                    raise Unavailable(f"tracker {self.tracker} unreachable: {exc}") from None
+                log.info("tracker unreachable (%s), retrying in %.2fs", exc, delay)
+                self.pool.drop(self.tracker)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _attr(self, request: m.Message) -> Attr:
+        return Attr.from_wire((await self._tracker(request, m.AttrReply)).attr)
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        return await self._attr(m.Lookup(parent=parent, name=name))
+
+    async def getattr(self, ino: int) -> Attr:
+        return await self._attr(m.GetAttr(ino=ino))
+
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size_bytes: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> Attr:
+        return await self._attr(
+            m.SetAttr(
+                ino=ino,
+                mode=mode,
+                uid=uid,
+                gid=gid,
+                size_bytes=size_bytes,
+                atime_ns=atime_ns,
+                mtime_ns=mtime_ns,
+                ctime_ns=ctime_ns,
+            )
+        )
+
+    async def readdir(self, ino: int, offset: int = 0, limit: int = READDIR_PAGE) -> list[DirEntry]:
+        reply = await self._tracker(m.ReadDir(ino=ino, offset=offset, limit=limit), m.ReadDirReply)
+        return [DirEntry(bytes(n), Attr.from_wire(a), int(c)) for n, a, c in reply.entries]
+
+    async def mknod(
+        self, parent: int, name: bytes, mode: int, uid: int = 0, gid: int = 0, rdev: int = 0
+    ) -> Attr:
+        """Create a node; `mode` carries the type (S_IFREG, S_IFDIR, S_IFIFO, ...)."""
+        return await self._attr(
+            m.MakeNode(parent=parent, name=name, mode=mode, uid=uid, gid=gid, rdev=rdev)
+        )
+
+    async def mkdir(
+        self, parent: int, name: bytes, mode: int = 0o755, uid: int = 0, gid: int = 0
+    ) -> Attr:
+        return await self.mknod(parent, name, stat_mod.S_IFDIR | (mode & 0o7777), uid, gid)
+
+    async def symlink(
+        self, parent: int, name: bytes, target: bytes, uid: int = 0, gid: int = 0
+    ) -> Attr:
+        return await self._attr(
+            m.Symlink(parent=parent, name=name, target=target, uid=uid, gid=gid)
+        )
+
+    async def readlink(self, ino: int) -> bytes:
+        return (await self._tracker(m.ReadLink(ino=ino), m.ReadLinkReply)).target
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        return await self._attr(m.Link(ino=ino, new_parent=new_parent, new_name=new_name))
+
+    async def unlink(self, parent: int, name: bytes) -> tuple[int, int]:
+        """Remove a name; returns (inode, its remaining link count)."""
+        reply = await self._tracker(m.Unlink(parent=parent, name=name), m.UnlinkReply)
+        return reply.ino, reply.nlink
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        await self._tracker(m.RemoveDir(parent=parent, name=name), m.OkReply)
+
+    async def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0
+    ) -> None:
+        await self._tracker(
+            m.Rename(
+                old_parent=old_parent,
+                old_name=old_name,
+                new_parent=new_parent,
+                new_name=new_name,
+                flags=flags,
+            ),
+            m.OkReply,
+        )
+
+    async def open_file(self, ino: int) -> Attr:
+        """Hold `ino` open for this client: an unlink keeps its data until `release_file`."""
+        return await self._attr(m.OpenFile(ino=ino, session=self.session))
+
+    async def release_file(self, ino: int) -> None:
+        await self._tracker(m.ReleaseFile(ino=ino, session=self.session), m.OkReply)
+
+    async def statfs(self) -> FsStats:
+        r = await self._tracker(m.StatFs(), m.StatFsReply)
+        return FsStats(r.capacity_bytes, r.used_bytes, r.free_bytes, r.files)
+
+    async def cluster_status(self) -> m.ClusterStatusReply:
+        return await self._tracker(m.ClusterStatus(), m.ClusterStatusReply)
+
+    # --- paths (for the CLI and the Python API) ------------------------------------------
+
+    async def resolve(self, path: str) -> Attr:
+        return await self._attr(m.ResolvePath(path=os.fsencode(path)))
+
+    async def _parent_and_name(self, path: str) -> tuple[int, bytes]:
+        parent_path, _, name = path.rstrip("/").rpartition("/")
+        if not name:
+            raise NotFound(f"{path}: no name")
+        parent = await self.resolve(parent_path or "/")
+        if not parent.is_dir:
+            raise NotADir(f"{parent_path}: not a directory")
+        return parent.ino, os.fsencode(name)
+
+    async def list_dir(self, path: str) -> list[DirEntry]:
+        attr = await self.resolve(path)
+        if not attr.is_dir:
+            raise NotADir(f"{path}: not a directory")
+        entries: list[DirEntry] = []
+        offset = 0
+        while page := await self.readdir(attr.ino, offset):
+            entries.extend(page)
+            offset = page[-1].next_offset
+        return entries
+
+    async def make_dirs(self, path: str, mode: int = 0o755) -> Attr:
+        """mkdir -p: create every missing directory on the way."""
+        attr = await self.resolve("/")
+        walked = ""
+        for part in [p for p in path.split("/") if p]:
+            walked += "/" + part
+            try:
+                attr = await self.lookup(attr.ino, os.fsencode(part))
+            except NotFound:
+                attr = await self.mkdir(attr.ino, os.fsencode(part), mode, os.getuid(), os.getgid())
+            if not attr.is_dir:
+                raise NotADir(f"{walked}: not a directory")
+        return attr
+
+    async def remove(self, path: str, recursive: bool = False) -> None:
+        parent, name = await self._parent_and_name(path)
+        attr = await self.lookup(parent, name)
+        if attr.is_dir:
+            if recursive:
+                await self._remove_tree(attr.ino)
+            await self.rmdir(parent, name)
+        else:
+            await self.unlink(parent, name)
+
+    async def _remove_tree(self, ino: int) -> None:
+        while entries := await self.readdir(ino, 0):
+            for entry in entries:
+                if entry.attr.is_dir:
+                    await self._remove_tree(entry.attr.ino)
+                    await self.rmdir(ino, entry.name)
+                else:
+                    await self.unlink(ino, entry.name)
+
+    async def move(self, src: str, dst: str) -> None:
+        old_parent, old_name = await self._parent_and_name(src)
+        try:
+            target = await self.resolve(dst)
+        except NotFound:
+            target = None
+        if target is not None and target.is_dir:
+            new_parent, new_name = target.ino, old_name
+        else:
+            new_parent, new_name = await self._parent_and_name(dst)
+        await self.rename(old_parent, old_name, new_parent, new_name)
+
+    # --- chunks ---------------------------------------------------------------------------
+
+    async def get_chunks(self, ino: int, first_index: int = 0, count: int = 1 << 30) -> FileChunks:
+        reply = await self._tracker(
+            m.GetChunks(ino=ino, first_index=first_index, count=count), m.ChunksReply
+        )
+        chunks = {}
+        for raw in reply.chunks:
+            info = ChunkInfo.from_wire(raw)
+            chunks[info.index] = info
+        return FileChunks(reply.size_bytes, reply.chunk_size_bytes, chunks)
+
+    def _ordered(self, keepers: tuple[str, ...]) -> list[str]:
+        """Healthy keepers first, in the tracker's order; recently failed ones last."""
+        now = trio.current_time()
+        self._suspect = {a: t for a, t in self._suspect.items() if now - t < 30.0}
+        return sorted(keepers, key=lambda a: a in self._suspect)
+
+    async def read_chunk(
+        self, info: ChunkInfo, offset: int = 0, length: int | None = None
+    ) -> bytes:
+        """Bytes [offset, offset+length) of a chunk, each block verified; zeros past its length.
+
+        Tries every copy before it gives up with Unavailable (EIO on the mount).
+        """
+        if length is None:
+            length = info.length - offset
+        end = offset + length
+        stored_end = min(end, info.length)
+        if offset >= stored_end:
+            return bytes(length)
+        errors: list[str] = []
+        for addr in self._ordered(info.keepers):
+            try:
+                async with self.transfers:
+                    with trio.fail_after(self.io_timeout_s):
+                        data = await self._read_copy(addr, info, offset, stored_end - offset)
+            except (Unavailable, trio.TooSlowError, ChecksumMismatch, DfsError) as exc:
+                reason = str(exc) or "timeout"
+                errors.append(f"{addr}: {reason}")
+                self._suspect[addr] = trio.current_time()
+                if isinstance(exc, trio.TooSlowError):
+                    self.pool.drop(addr)
+                log.warning(
+                    "chunk %d v%d: copy on %s failed: %s", info.chunk_id, info.version, addr, reason
+                )
+                if isinstance(exc, ChecksumMismatch):
+                    await self._report_bad(info, addr, reason)
+                continue
+            self._suspect.pop(addr, None)
+            if end > stored_end:
+                return data + bytes(end - stored_end)
+            return data
+        raise Unavailable(
+            f"chunk {info.chunk_id} v{info.version}: no readable copy"
+            f" ({'; '.join(errors) or 'no keepers'})"
+        )
+
+    async def _read_copy(self, addr: str, info: ChunkInfo, offset: int, length: int) -> bytes:
+        request = m.ReadChunk(
+            chunk_id=info.chunk_id, version=info.version, offset_bytes=offset, length_bytes=length
+        )
+        reply, payload = await self.pool.call(addr, request, m.ReadChunkReply)
+        if checksum.digest(reply.checksums) != info.digest:
+            raise ChecksumMismatch("checksum list does not match the tracker's digest")
+        bad = checksum.verify_blocks(payload, reply.checksums, reply.first_block)
+        if bad is not None:
+            raise ChecksumMismatch(f"block {bad} does not match its checksum")
+        skip = offset - reply.first_block * checksum.BLOCK_SIZE
+        if skip < 0 or skip + length > len(payload):
+            raise ChecksumMismatch("keeper sent a range that does not cover the request")
+        return bytes(memoryview(payload)[skip : skip + length])
+
+    async def _report_bad(self, info: ChunkInfo, addr: str, reason: str) -> None:
+        try:
+            await self._tracker(
+                m.ReportBadChunk(
+                    chunk_id=info.chunk_id, version=info.version, addr=addr, reason=reason
+                ),
+                m.OkReply,
+            )
+        except DfsError as exc:
+            log.info("could not report bad chunk %d: %s", info.chunk_id, exc)
+
+    async def write_chunk(
+        self, ino: int, index: int, data: bytes | bytearray | memoryview
+    ) -> ChunkInfo:
+        """Store `data` as a new version of chunk `index` of `ino` on its placement.
+
+        The version is not visible to readers until `commit`. If a keeper fails, the tracker
+        is asked for a placement without it; NoSpace means no keeper can take it.
+        """
+        sums = checksum.block_checksums(data)
+        exclude: list[str] = []
+        last_error: Exception | None = None
+        for _attempt in range(WRITE_ATTEMPTS):
+            alloc = await self._tracker(
+                m.AllocateChunk(ino=ino, index=index, exclude=exclude), m.AllocateReply
+            )
+            if not alloc.keepers:
+                raise NoSpace("no keeper can take a new chunk")
+            request = m.PutChunk(
+                chunk_id=alloc.chunk_id,
+                version=alloc.version,
+                checksums=sums,
+                forward=alloc.keepers[1:],
+            )
+            try:
+                async with self.transfers:
+                    with trio.fail_after(self.io_timeout_s + len(data) / (20 << 20)):
+                        reply, _ = await self.pool.call(
+                            alloc.keepers[0], request, m.PutChunkReply, data
+                        )
+            except (Unavailable, trio.TooSlowError, ChecksumMismatch) as exc:
+                last_error = exc
+                exclude.append(alloc.keepers[0])
+                self.pool.drop(alloc.keepers[0])
+                log.warning(
+                    "chunk %d: writing to %s failed (%s), asking for another placement",
+                    alloc.chunk_id,
+                    alloc.keepers[0],
+                    exc or "timeout",
+                )
+                continue
+            if reply.failed and not reply.stored:
+                exclude.extend(reply.failed)
+                continue
+            if reply.failed:
+                # Some copies are down: keep what is durable and let the others be healed, as
+                # HDFS does, unless nothing but the first copy made it and more were asked.
+                exclude.extend(a for a in reply.failed if a not in exclude)
+                if len(reply.stored) < min(2, len(alloc.keepers)):
+                    last_error = Unavailable(f"only {reply.stored} stored the chunk")
+                    continue
+            return ChunkInfo(
+                index,
+                alloc.chunk_id,
+                alloc.version,
+                len(data),
+                checksum.digest(sums),
+                tuple(reply.stored),
+            )
+        raise Unavailable(f"chunk {index} of inode {ino} could not be written: {last_error}")
+
+    async def commit(
+        self, ino: int, size_bytes: int, chunks: list[ChunkInfo], mtime_ns: int | None = None
+    ) -> Attr:
+        """Publish written chunk versions and the file size atomically."""
+        return await self._attr(
+            m.CommitChunks(
+                ino=ino,
+                size_bytes=size_bytes,
+                mtime_ns=time.time_ns() if mtime_ns is None else mtime_ns,
+                chunks=[c.to_wire() for c in chunks],
+            )
+        )
+
+    # --- whole files ---------------------------------------------------------------------
+
+    async def create_file(self, path: str, mode: int = 0o644) -> Attr:
+        """Create (or truncate) a regular file at `path`."""
+        parent, name = await self._parent_and_name(path)
+        try:
+            attr = await self.lookup(parent, name)
+        except NotFound:
+            return await self.mknod(parent, name, stat_mod.S_IFREG | mode, os.getuid(), os.getgid())
+        if attr.is_dir:
+            raise IsADir(path)
+        return await self.setattr(attr.ino, size_bytes=0)
+
+    async def upload(
+        self, local: str | Path, remote: str, progress: Callable[[int], None] | None = None
+    ) -> Attr:
+        """Copy a local file into the cluster; durable on every copy when it returns."""
+        attr = await self.create_file(remote)
+        chunk_size = (await self.get_chunks(attr.ino, 0, 0)).chunk_size
+        written: list[ChunkInfo] = []
+        size = 0
+        with open(local, "rb") as source:
+            gate = trio.Semaphore(int(self.transfers.total_tokens))
+            async with trio.open_nursery() as nursery:
+                index = 0
+                while True:
+                    data = await trio.to_thread.run_sync(source.read, chunk_size)
+                    if not data:
+                        break
+                    size += len(data)
+                    await _start_bounded(
+                        nursery, gate, self._upload_one, attr.ino, index, data, written, progress
+                    )
+                    index += 1
+        written.sort(key=lambda c: c.index)
+        return await self.commit(attr.ino, size, written)
+
+    async def _upload_one(
+        self,
+        ino: int,
+        index: int,
+        data: bytes,
+        written: list[ChunkInfo],
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        written.append(await self.write_chunk(ino, index, data))
+        if progress:
+            progress(len(data))
+
+    async def download(
+        self, remote: str, local: str | Path, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Copy a cluster file to a local path; every byte checked. Returns its size."""
+        attr = await self.resolve(remote)
+        if attr.is_dir:
+            raise IsADir(remote)
+        chunks = await self.get_chunks(attr.ino)
+        tmp = Path(f"{local}.dfs-part")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, chunks.size)
+
+            async def fetch(index: int) -> None:
+                info = chunks.chunks.get(index)
+                start = index * chunks.chunk_size
+                length = min(chunks.chunk_size, chunks.size - start)
+                if info is None:
+                    return  # a hole: ftruncate already made it zeros
+                data = await self.read_chunk(info, 0, length)
+                await trio.to_thread.run_sync(os.pwrite, fd, data, start)
+                if progress:
+                    progress(length)
+
+            count = (
+                (chunks.size + chunks.chunk_size - 1) // chunks.chunk_size
+                if chunks.chunk_size
+                else 0
+            )
+            gate = trio.Semaphore(int(self.transfers.total_tokens))
+            async with trio.open_nursery() as nursery:
+                for index in range(count):
+                    await _start_bounded(nursery, gate, fetch, index)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, local)
+        return chunks.size
+
+
+async def _start_bounded(
+    nursery: trio.Nursery, gate: trio.Semaphore, fn: Callable[..., Awaitable[None]], *args: object
+) -> None:
+    """Start `fn(*args)` in `nursery` once `gate` has room: the caller stops producing work
+    (reading the next chunk into memory) while that many transfers are running."""
+    await gate.acquire()
+
+    async def run() -> None:
+        try:
+            await fn(*args)
+        finally:
+            gate.release()
+
+    nursery.start_soon(run)

@@ -1,0 +1,164 @@
+"""The dfs error tree.
+
+Every error that may cross the wire is a `DfsError` subclass with a stable wire `code` and the
+`errno` that the FUSE boundary returns for it. A server raises one; the dispatcher sends it back
+as an error reply for that request only; the client rebuilds the same class from the code.
+`ProtocolError` is different: it means the peer broke the framing or the handshake, so the
+connection is closed instead of answered.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import ClassVar
+
+
+class DfsError(Exception):
+    """Base of every error that a request can answer with."""
+
+    code: ClassVar[int] = 1
+    errno: ClassVar[int] = _errno.EIO
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.__class__.__doc__ or self.__class__.__name__)
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class NotFound(DfsError):
+    """no such file or directory"""
+
+    code = 2
+    errno = _errno.ENOENT
+
+
+class Exists(DfsError):
+    """file exists"""
+
+    code = 3
+    errno = _errno.EEXIST
+
+
+class NotEmpty(DfsError):
+    """directory not empty"""
+
+    code = 4
+    errno = _errno.ENOTEMPTY
+
+
+class IsADir(DfsError):
+    """is a directory"""
+
+    code = 5
+    errno = _errno.EISDIR
+
+
+class NotADir(DfsError):
+    """not a directory"""
+
+    code = 6
+    errno = _errno.ENOTDIR
+
+
+class NoSpace(DfsError):
+    """no space left on the cluster"""
+
+    code = 7
+    errno = _errno.ENOSPC
+
+
+class Unavailable(DfsError):
+    """a server or every copy of a chunk is unreachable"""
+
+    code = 8
+    errno = _errno.EIO
+
+
+class ChecksumMismatch(DfsError):
+    """stored bytes do not match their checksum"""
+
+    code = 9
+    errno = _errno.EIO
+
+
+class AuthFailed(DfsError):
+    """authentication failed"""
+
+    code = 10
+    errno = _errno.EACCES
+
+
+class InvalidArgument(DfsError):
+    """invalid argument"""
+
+    code = 11
+    errno = _errno.EINVAL
+
+
+class NameTooLong(DfsError):
+    """file name too long"""
+
+    code = 12
+    errno = _errno.ENAMETOOLONG
+
+
+class NotPermitted(DfsError):
+    """operation not permitted"""
+
+    code = 13
+    errno = _errno.EPERM
+
+
+class CrossDevice(DfsError):
+    """invalid cross-device link"""
+
+    code = 14
+    errno = _errno.EXDEV
+
+
+class StaleChunk(DfsError):
+    """the chunk version asked for is not the one stored"""
+
+    code = 15
+    errno = _errno.EIO
+
+
+class TooManyLinks(DfsError):
+    """too many links"""
+
+    code = 16
+    errno = _errno.EMLINK
+
+
+class ProtocolError(Exception):
+    """The peer broke the framing or the handshake: close the connection, answer nothing."""
+
+
+ERRORS_BY_CODE: dict[int, type[DfsError]] = {
+    cls.code: cls
+    for cls in (
+        DfsError,
+        NotFound,
+        Exists,
+        NotEmpty,
+        IsADir,
+        NotADir,
+        NoSpace,
+        Unavailable,
+        ChecksumMismatch,
+        AuthFailed,
+        InvalidArgument,
+        NameTooLong,
+        NotPermitted,
+        CrossDevice,
+        StaleChunk,
+        TooManyLinks,
+    )
+}
+
+
+def error_from_wire(code: int, message: str) -> DfsError:
+    """Rebuild the error a server raised; an unknown code becomes a plain DfsError."""
+    return ERRORS_BY_CODE.get(code, DfsError)(message)

@@ -1,0 +1,219 @@
+"""Chunk files on a keeper's disk.
+
+Layout: `<data>/chunks/<XX>/chunk_<16 hex id>_<8 hex version>.dfs`, where XX is the id's low
+byte, so no directory grows past 1/256 of the chunks. A file is a header and the data:
+
+    magic "DFSCHNK1" | length u64 | block count u32 | block checksums u64 * n | pad | data
+
+with the data starting at the next 4 KiB boundary. Checksums live beside the data they cover,
+so a chunk file is self-describing and the scrubber needs nothing else.
+
+Writes are atomic: a temporary file in the same directory, fsync, rename, fsync of the
+directory. A crash leaves either the old state or the whole new chunk, never a torn one;
+leftover temporaries are removed at start. Ids come from the wire as integers and are
+range-checked; no path is ever built from anything else, so no request can reach outside the
+data directory. Blocking disk work runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from cluster import checksum
+from cluster.errors import ChecksumMismatch, InvalidArgument, NoSpace, NotFound
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"DFSCHNK1"
+HEAD = struct.Struct("<8sQI")
+PAGE = 4096
+MAX_CHUNK_ID = (1 << 63) - 1
+MAX_VERSION = (1 << 32) - 1
+MAX_CHUNK_BYTES = 64 << 20
+FILE_RE = re.compile(r"^chunk_([0-9a-f]{16})_([0-9a-f]{8})\.dfs$")
+
+
+def check_ids(chunk_id: int, version: int) -> None:
+    """Reject anything that is not a well-formed chunk id and version."""
+    if not isinstance(chunk_id, int) or not 0 < chunk_id <= MAX_CHUNK_ID:
+        raise InvalidArgument(f"malformed chunk id {chunk_id!r}")
+    if not isinstance(version, int) or not 0 < version <= MAX_VERSION:
+        raise InvalidArgument(f"malformed chunk version {version!r}")
+
+
+def data_offset(length: int) -> int:
+    head = HEAD.size + checksum.CHECKSUM_SIZE * checksum.block_count(length)
+    return (head + PAGE - 1) // PAGE * PAGE
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRead:
+    length: int  # the chunk's whole length
+    first_block: int
+    checksums: bytes  # of every block of the chunk
+    data: bytes  # whole blocks from first_block
+
+
+class ChunkStore:
+    def __init__(self, data_dir: Path, capacity_bytes: int = 0) -> None:
+        self.root = data_dir / "chunks"
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.configured_capacity = capacity_bytes
+        self.used_bytes = 0
+        self.chunks: dict[tuple[int, int], int] = {}  # (id, version) -> file size
+        self._lock = threading.Lock()
+
+    # --- paths ----------------------------------------------------------------------------
+
+    def path(self, chunk_id: int, version: int) -> Path:
+        check_ids(chunk_id, version)
+        return self.root / f"{chunk_id & 0xFF:02x}" / f"chunk_{chunk_id:016x}_{version:08x}.dfs"
+
+    # --- inventory ------------------------------------------------------------------------
+
+    def scan(self) -> None:
+        """Build the inventory from file names (no data is read: start-up stays fast)."""
+        found: dict[tuple[int, int], int] = {}
+        for sub in self.root.iterdir():
+            if not sub.is_dir():
+                continue
+            for entry in os.scandir(sub):
+                if entry.name.startswith(".tmp-"):
+                    os.unlink(entry.path)
+                    continue
+                match = FILE_RE.match(entry.name)
+                if match:
+                    found[(int(match[1], 16), int(match[2], 16))] = entry.stat().st_size
+        with self._lock:
+            self.chunks = found
+            self.used_bytes = sum(found.values())
+
+    @property
+    def capacity_bytes(self) -> int:
+        if self.configured_capacity:
+            return self.configured_capacity
+        st = os.statvfs(self.root)
+        return self.used_bytes + st.f_bavail * st.f_frsize
+
+    def held(self) -> list[list[int]]:
+        with self._lock:
+            return [[c, v] for c, v in self.chunks]
+
+    # --- write ----------------------------------------------------------------------------
+
+    async def write(
+        self, chunk_id: int, version: int, data: bytearray | bytes, checksums: bytes
+    ) -> None:
+        check_ids(chunk_id, version)
+        if len(data) > MAX_CHUNK_BYTES:
+            raise InvalidArgument("chunk too large")
+        if len(checksums) != checksum.CHECKSUM_SIZE * checksum.block_count(len(data)):
+            raise ChecksumMismatch("checksum list does not fit the data")
+        size = data_offset(len(data)) + len(data)
+        if self.configured_capacity and self.used_bytes + size > self.configured_capacity:
+            raise NoSpace("keeper capacity reached")
+        await trio.to_thread.run_sync(self._write_sync, chunk_id, version, data, checksums)
+
+    def _write_sync(
+        self, chunk_id: int, version: int, data: bytearray | bytes, checksums: bytes
+    ) -> None:
+        bad = checksum.verify_blocks(data, checksums)
+        if bad is not None:
+            raise ChecksumMismatch(f"chunk {chunk_id:x}: block {bad} arrived corrupt")
+        final = self.path(chunk_id, version)
+        final.parent.mkdir(exist_ok=True, mode=0o700)
+        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{threading.get_ident()}"
+        offset = data_offset(len(data))
+        header = HEAD.pack(MAGIC, len(data), checksum.block_count(len(data))) + checksums
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.pwrite(fd, header + bytes(offset - len(header)), 0)
+            view = memoryview(data)
+            written = 0
+            while written < len(view):
+                written += os.pwrite(fd, view[written:], offset + written)
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            if exc.errno == 28:
+                raise NoSpace("keeper disk full") from None
+            raise
+        os.close(fd)
+        os.rename(tmp, final)
+        dir_fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        size = offset + len(data)
+        with self._lock:
+            old = self.chunks.get((chunk_id, version))
+            self.chunks[(chunk_id, version)] = size
+            self.used_bytes += size - (old or 0)
+
+    # --- read -----------------------------------------------------------------------------
+
+    async def read(self, chunk_id: int, version: int, offset: int, length: int) -> ChunkRead:
+        check_ids(chunk_id, version)
+        if (chunk_id, version) not in self.chunks:
+            raise NotFound(f"chunk {chunk_id:x} v{version} is not here")
+        return await trio.to_thread.run_sync(self._read_sync, chunk_id, version, offset, length)
+
+    def _read_sync(self, chunk_id: int, version: int, offset: int, length: int) -> ChunkRead:
+        try:
+            fd = os.open(self.path(chunk_id, version), os.O_RDONLY)
+        except FileNotFoundError:
+            raise NotFound(f"chunk {chunk_id:x} v{version} is gone") from None
+        try:
+            magic, total, blocks = HEAD.unpack(os.pread(fd, HEAD.size, 0))
+            if magic != MAGIC or blocks != checksum.block_count(total):
+                raise ChecksumMismatch(f"chunk {chunk_id:x} v{version}: bad header")
+            sums = os.pread(fd, blocks * checksum.CHECKSUM_SIZE, HEAD.size)
+            if offset < 0 or length < 0 or offset > total:
+                raise InvalidArgument("range outside the chunk")
+            end = total if length == 0 else min(total, offset + length)
+            first = offset // checksum.BLOCK_SIZE
+            start = first * checksum.BLOCK_SIZE
+            stop = min(
+                total, (end + checksum.BLOCK_SIZE - 1) // checksum.BLOCK_SIZE * checksum.BLOCK_SIZE
+            )
+            data = os.pread(fd, stop - start, data_offset(total) + start)
+        finally:
+            os.close(fd)
+        return ChunkRead(total, first, sums, data)
+
+    def verify(self, chunk_id: int, version: int) -> bool:
+        """Re-read a whole chunk and check it (the scrubber's unit of work)."""
+        try:
+            chunk = self._read_sync(chunk_id, version, 0, 0)
+        except (ChecksumMismatch, OSError, struct.error):
+            return False
+        return (
+            checksum.verify_blocks(chunk.data, chunk.checksums) is None
+            and len(chunk.data) == chunk.length
+        )
+
+    # --- delete ---------------------------------------------------------------------------
+
+    async def delete(self, chunk_id: int, version: int) -> bool:
+        return await trio.to_thread.run_sync(self._delete_sync, chunk_id, version)
+
+    def _delete_sync(self, chunk_id: int, version: int) -> bool:
+        try:
+            os.unlink(self.path(chunk_id, version))
+        except FileNotFoundError:
+            pass
+        with self._lock:
+            size = self.chunks.pop((chunk_id, version), None)
+            if size is not None:
+                self.used_bytes -= size
+        return size is not None

@@ -1,0 +1,90 @@
+"""The keeper's link to the tracker: register with the whole inventory, then heartbeat.
+
+Each heartbeat carries free space and the chunks added or removed since the last one, and its
+reply carries commands (chunk versions to delete). Whenever the tracker is unreachable or asks
+for it (`reregister`, after a tracker restart), the keeper registers again with its full
+inventory, so the tracker's soft state is always rebuilt from the truth on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from cluster import messages as m
+from cluster.errors import DfsError
+from cluster.keeper.server import KeeperServer
+from cluster.rpc import ConnectionPool
+
+log = logging.getLogger(__name__)
+
+RETRY_MAX_S = 2.0
+
+
+class Heartbeat:
+    def __init__(
+        self, server: KeeperServer, tracker: str, keeper_id: str, zone: str, heartbeat_s: float
+    ) -> None:
+        self.server = server
+        self.tracker = tracker
+        self.keeper_id = keeper_id
+        self.zone = zone
+        self.heartbeat_s = heartbeat_s
+        self.pool = ConnectionPool("keeper")
+        self.registered = trio.Event()
+
+    async def run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._register()
+                delay = 0.1
+                await self._beat_until_lost()
+            except (DfsError, trio.TooSlowError) as exc:
+                log.info("tracker %s unreachable (%s); retrying", self.tracker, exc or "timeout")
+                self.pool.drop(self.tracker)
+            await trio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _register(self) -> None:
+        store = self.server.store
+        # Deltas collected before this point are covered by the full inventory.
+        self.server.added.clear()
+        self.server.removed.clear()
+        request = m.RegisterKeeper(
+            keeper_id=self.keeper_id,
+            addr=self.server.addr,
+            zone=self.zone,
+            capacity_bytes=store.capacity_bytes,
+            used_bytes=store.used_bytes,
+            chunks=store.held(),
+        )
+        with trio.fail_after(30):
+            reply, _ = await self.pool.call(self.tracker, request, m.RegisterReply)
+        self.heartbeat_s = reply.heartbeat_s or self.heartbeat_s
+        log.info("registered with tracker %s (%d chunks)", self.tracker, len(request.chunks))
+        self.registered.set()
+
+    async def _beat_until_lost(self) -> None:
+        while True:
+            await trio.sleep(self.heartbeat_s)
+            added, self.server.added = self.server.added, []
+            removed, self.server.removed = self.server.removed, []
+            store = self.server.store
+            request = m.Heartbeat(
+                keeper_id=self.keeper_id,
+                capacity_bytes=store.capacity_bytes,
+                used_bytes=store.used_bytes,
+                added=added,
+                removed=removed,
+            )
+            # If this fails the deltas are lost with it: the registration that follows sends
+            # the whole inventory.
+            with trio.fail_after(max(10.0, self.heartbeat_s * 3)):
+                reply, _ = await self.pool.call(self.tracker, request, m.HeartbeatReply)
+            if reply.reregister:
+                log.info("tracker asked for a new registration")
+                return
+            for chunk_id, version in reply.delete:
+                await self.server.delete(chunk_id, version)

@@ -1,0 +1,96 @@
+"""The keeper's data port: store chunks (forwarding them down the pipeline) and serve them.
+
+A `PutChunk` is checked against its block checksums, then written locally while it is sent on
+to the next keeper of the placement, concurrently. The reply lists every keeper whose copy is
+durable, so the writer learns exactly which copies exist; a failed downstream keeper is listed
+as failed rather than failing the whole write.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from cluster import messages as m
+from cluster.errors import DfsError, InvalidArgument
+from cluster.keeper.chunkstore import ChunkStore, check_ids
+from cluster.protocol import Buffer
+from cluster.rpc import ConnectionPool
+
+log = logging.getLogger(__name__)
+
+FORWARD_TIMEOUT_S = 30.0
+
+
+class KeeperServer:
+    def __init__(self, store: ChunkStore, addr: str = "") -> None:
+        self.store = store
+        self.addr = addr  # set once the listening port is known
+        self.peers = ConnectionPool("keeper")
+        # Chunks stored or deleted since the last heartbeat (the heartbeat task drains these).
+        self.added: list[list[int]] = []
+        self.removed: list[list[int]] = []
+
+    async def handle(
+        self, msg: m.Message, payload: bytearray, peer: str
+    ) -> tuple[m.Message, Buffer]:
+        if isinstance(msg, m.PutChunk):
+            return await self.put_chunk(msg, payload), b""
+        if isinstance(msg, m.ReadChunk):
+            return await self.read_chunk(msg)
+        raise InvalidArgument(f"a keeper does not serve {type(msg).__name__}")
+
+    async def put_chunk(self, msg: m.PutChunk, data: bytearray) -> m.PutChunkReply:
+        check_ids(msg.chunk_id, msg.version)
+        downstream: list[m.PutChunkReply] = []
+
+        async def forward() -> None:
+            try:
+                with trio.fail_after(FORWARD_TIMEOUT_S):
+                    reply, _ = await self.peers.call(
+                        msg.forward[0],
+                        m.PutChunk(
+                            chunk_id=msg.chunk_id,
+                            version=msg.version,
+                            checksums=msg.checksums,
+                            forward=msg.forward[1:],
+                        ),
+                        m.PutChunkReply,
+                        data,
+                    )
+                downstream.append(reply)
+            except (DfsError, trio.TooSlowError) as exc:
+                log.warning(
+                    "forwarding chunk %d to %s failed: %s",
+                    msg.chunk_id,
+                    msg.forward[0],
+                    exc or "timeout",
+                )
+                self.peers.drop(msg.forward[0])
+                downstream.append(m.PutChunkReply(stored=[], failed=list(msg.forward)))
+
+        async with trio.open_nursery() as nursery:
+            if msg.forward:
+                nursery.start_soon(forward)
+            await self.store.write(msg.chunk_id, msg.version, data, msg.checksums)
+        self.added.append([msg.chunk_id, msg.version])
+        stored, failed = [self.addr], []
+        for reply in downstream:
+            stored += reply.stored
+            failed += reply.failed
+        return m.PutChunkReply(stored=stored, failed=failed)
+
+    async def read_chunk(self, msg: m.ReadChunk) -> tuple[m.Message, Buffer]:
+        chunk = await self.store.read(msg.chunk_id, msg.version, msg.offset_bytes, msg.length_bytes)
+        reply = m.ReadChunkReply(
+            length_bytes=chunk.length, first_block=chunk.first_block, checksums=chunk.checksums
+        )
+        return reply, chunk.data
+
+    async def delete(self, chunk_id: int, version: int) -> None:
+        try:
+            if await self.store.delete(chunk_id, version):
+                self.removed.append([chunk_id, version])
+        except (OSError, DfsError) as exc:
+            log.warning("deleting chunk %d v%d failed: %s", chunk_id, version, exc)

@@ -1,0 +1,598 @@
+"""Every message of the dfs protocol, declared once.
+
+Names carry the direction as MooseFS does: a client asks the tracker (`Lookup`), a keeper asks
+the tracker (`RegisterKeeper`), a client or a keeper asks a keeper (`PutChunk`). Each request
+has a reply twin; any request may instead be answered with `ErrorReply`.
+
+On the wire a message is a msgpack map: `t` (its `MsgType`), `id` (the request id, echoed in the
+reply) and its named fields. Fields are checked against their declared types when decoded, so a
+handler never sees a malformed message: a wrong type, a missing or unknown field is a
+`ProtocolError` that closes the connection. Chunk bytes travel as the frame's raw payload.
+
+Units are in the field names; `ino` is an inode number, names are bytes (as FUSE gives them),
+`addr` is "host:port" of a keeper's data port.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar, TypeVar
+
+from cluster.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+
+class MsgType(IntEnum):
+    # any direction
+    HELLO = 1
+    HELLO_REPLY = 2
+    ERROR_REPLY = 3
+    PING = 4
+    PONG = 5
+    OK_REPLY = 6
+    # client -> tracker: namespace
+    LOOKUP = 20
+    GET_ATTR = 21
+    SET_ATTR = 22
+    RESOLVE_PATH = 23
+    READ_DIR = 24
+    MAKE_NODE = 25
+    SYMLINK = 26
+    READ_LINK = 27
+    LINK = 28
+    UNLINK = 29
+    REMOVE_DIR = 30
+    RENAME = 31
+    OPEN_FILE = 32
+    RELEASE_FILE = 33
+    STAT_FS = 34
+    ATTR_REPLY = 40
+    READ_DIR_REPLY = 41
+    READ_LINK_REPLY = 42
+    UNLINK_REPLY = 43
+    STAT_FS_REPLY = 44
+    # client -> tracker: chunks
+    GET_CHUNKS = 50
+    ALLOCATE_CHUNK = 51
+    COMMIT_CHUNKS = 52
+    REPORT_BAD_CHUNK = 53
+    CHUNKS_REPLY = 60
+    ALLOCATE_REPLY = 61
+    # client -> tracker: administration
+    CLUSTER_STATUS = 70
+    CLUSTER_STATUS_REPLY = 71
+    # keeper -> tracker
+    REGISTER_KEEPER = 80
+    HEARTBEAT = 81
+    REGISTER_REPLY = 82
+    HEARTBEAT_REPLY = 83
+    # client/keeper -> keeper
+    PUT_CHUNK = 100
+    PUT_CHUNK_REPLY = 101
+    READ_CHUNK = 102
+    READ_CHUNK_REPLY = 103
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    TYPE: ClassVar[MsgType]
+
+    def to_wire(self, request_id: int) -> dict[str, Any]:
+        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        body["t"] = int(self.TYPE)
+        body["id"] = request_id
+        return body
+
+
+REGISTRY: dict[int, type[Message]] = {}
+_FIELD_TYPES: dict[type[Message], dict[str, Any]] = {}
+
+M = TypeVar("M", bound=type[Message])
+
+
+def message(cls: M) -> M:
+    """Register a message class under its type code (once, at import)."""
+    if cls.TYPE in REGISTRY:
+        raise RuntimeError(f"duplicate message type {cls.TYPE!r}")
+    REGISTRY[cls.TYPE] = cls
+    _FIELD_TYPES[cls] = typing.get_type_hints(cls)
+    return cls
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is bytes:
+        return isinstance(value, bytes)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def decode(body: dict[str, Any]) -> tuple[int, Message]:
+    """Turn a decoded header into (request id, message); ProtocolError if it is not valid."""
+    msg_type = body.pop("t", None)
+    request_id = body.pop("id", None)
+    if not isinstance(request_id, int) or isinstance(request_id, bool):
+        raise ProtocolError("message without a request id")
+    cls = REGISTRY.get(msg_type) if isinstance(msg_type, int) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {msg_type!r}")
+    hints = _FIELD_TYPES[cls]
+    for name, value in body.items():
+        hint = hints.get(name)
+        if hint is None or name == "TYPE":
+            raise ProtocolError(f"{cls.__name__}: unknown field {name!r}")
+        if not _matches(value, hint):
+            raise ProtocolError(f"{cls.__name__}: field {name!r} has the wrong type")
+    try:
+        return request_id, cls(**body)
+    except TypeError as exc:
+        raise ProtocolError(f"{cls.__name__}: {exc}") from None
+
+
+# --- any direction ---------------------------------------------------------------------------
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First message on every connection: protocol version and the caller's role.
+
+    The reply comes before anything else is processed; authentication will extend this
+    exchange, so nothing but Hello is accepted until it is done.
+    """
+
+    TYPE = MsgType.HELLO
+    version: int
+    role: str
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class HelloReply(Message):
+    TYPE = MsgType.HELLO_REPLY
+    version: int
+    role: str
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ErrorReply(Message):
+    """The request failed with a DfsError; `code` names its class (errors.ERRORS_BY_CODE)."""
+
+    TYPE = MsgType.ERROR_REPLY
+    code: int
+    message: str
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    """Keepalive: an idle link proves it is alive."""
+
+    TYPE = MsgType.PING
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    TYPE = MsgType.PONG
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class OkReply(Message):
+    TYPE = MsgType.OK_REPLY
+
+
+# --- client -> tracker: namespace ------------------------------------------------------------
+
+# An attribute record, as a list for compactness:
+# [ino, mode, nlink, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns, generation]
+AttrList = list[int]
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Lookup(Message):
+    TYPE = MsgType.LOOKUP
+    parent: int
+    name: bytes
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class GetAttr(Message):
+    TYPE = MsgType.GET_ATTR
+    ino: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class SetAttr(Message):
+    """Change what is not None. A smaller `size_bytes` drops the chunks past it."""
+
+    TYPE = MsgType.SET_ATTR
+    ino: int
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size_bytes: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    ctime_ns: int | None = None
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ResolvePath(Message):
+    """Walk an absolute path from the root (for the CLI; the mount walks with Lookup)."""
+
+    TYPE = MsgType.RESOLVE_PATH
+    path: bytes
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ReadDir(Message):
+    """Entries of a directory after the cookie `offset` (0: from the start), with attributes."""
+
+    TYPE = MsgType.READ_DIR
+    ino: int
+    offset: int
+    limit: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class MakeNode(Message):
+    """Create a file, directory, FIFO or device node; `mode` includes the file type bits."""
+
+    TYPE = MsgType.MAKE_NODE
+    parent: int
+    name: bytes
+    mode: int
+    uid: int
+    gid: int
+    rdev: int = 0
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Symlink(Message):
+    TYPE = MsgType.SYMLINK
+    parent: int
+    name: bytes
+    target: bytes
+    uid: int
+    gid: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ReadLink(Message):
+    TYPE = MsgType.READ_LINK
+    ino: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Link(Message):
+    TYPE = MsgType.LINK
+    ino: int
+    new_parent: int
+    new_name: bytes
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Unlink(Message):
+    """Remove a name. An inode left without names is deleted unless some client holds it open
+    (OpenFile), in which case it goes when the last holder releases it."""
+
+    TYPE = MsgType.UNLINK
+    parent: int
+    name: bytes
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class RemoveDir(Message):
+    TYPE = MsgType.REMOVE_DIR
+    parent: int
+    name: bytes
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Rename(Message):
+    """Atomic rename; `flags` takes RENAME_NOREPLACE (1) and RENAME_EXCHANGE (2)."""
+
+    TYPE = MsgType.RENAME
+    old_parent: int
+    old_name: bytes
+    new_parent: int
+    new_name: bytes
+    flags: int = 0
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class OpenFile(Message):
+    """Mark an inode open by `session` (so unlink defers its deletion); returns fresh attrs."""
+
+    TYPE = MsgType.OPEN_FILE
+    ino: int
+    session: str
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ReleaseFile(Message):
+    TYPE = MsgType.RELEASE_FILE
+    ino: int
+    session: str
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class StatFs(Message):
+    TYPE = MsgType.STAT_FS
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class AttrReply(Message):
+    TYPE = MsgType.ATTR_REPLY
+    attr: AttrList
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ReadDirReply(Message):
+    """`entries`: [name, attr, cookie of the next entry]; empty at the end."""
+
+    TYPE = MsgType.READ_DIR_REPLY
+    entries: list[list[Any]]
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ReadLinkReply(Message):
+    TYPE = MsgType.READ_LINK_REPLY
+    target: bytes
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class UnlinkReply(Message):
+    """The inode that lost a name, and its remaining link count."""
+
+    TYPE = MsgType.UNLINK_REPLY
+    ino: int
+    nlink: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class StatFsReply(Message):
+    TYPE = MsgType.STAT_FS_REPLY
+    capacity_bytes: int
+    used_bytes: int
+    free_bytes: int
+    files: int
+
+
+# --- client -> tracker: chunks -----------------------------------------------------------------
+
+# A chunk record: [index, chunk_id, version, length_bytes, digest, [keeper addr, ...]]
+ChunkList = list[Any]
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class GetChunks(Message):
+    """The chunks of a file from `first_index`, at most `count`, with the keepers holding each."""
+
+    TYPE = MsgType.GET_CHUNKS
+    ino: int
+    first_index: int = 0
+    count: int = 1 << 30
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ChunksReply(Message):
+    """`chunk_size_bytes` is the file's chunk size; indices missing from `chunks` are holes."""
+
+    TYPE = MsgType.CHUNKS_REPLY
+    size_bytes: int
+    chunk_size_bytes: int
+    chunks: list[ChunkList]
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class AllocateChunk(Message):
+    """Ask where to write a new version of chunk `index` of `ino`, avoiding `exclude` addrs."""
+
+    TYPE = MsgType.ALLOCATE_CHUNK
+    ino: int
+    index: int
+    exclude: list[str] = field(default_factory=list)
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class AllocateReply(Message):
+    TYPE = MsgType.ALLOCATE_REPLY
+    chunk_id: int
+    version: int
+    keepers: list[str]
+    chunk_size_bytes: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class CommitChunks(Message):
+    """Publish written chunk versions and the new file size in one transaction.
+
+    `chunks`: [index, chunk_id, version, length_bytes, digest, [keeper addrs that stored it]].
+    Readers see the old list until this commits, the new one after: never a mix.
+    """
+
+    TYPE = MsgType.COMMIT_CHUNKS
+    ino: int
+    size_bytes: int
+    mtime_ns: int
+    chunks: list[ChunkList]
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ReportBadChunk(Message):
+    """A reader found a copy whose bytes or checksums are wrong."""
+
+    TYPE = MsgType.REPORT_BAD_CHUNK
+    chunk_id: int
+    version: int
+    addr: str
+    reason: str
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ClusterStatus(Message):
+    TYPE = MsgType.CLUSTER_STATUS
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ClusterStatusReply(Message):
+    """`keepers`: one map per keeper (id, addr, zone, state, used/capacity bytes, chunks)."""
+
+    TYPE = MsgType.CLUSTER_STATUS_REPLY
+    keepers: list[dict[str, Any]]
+    chunk_size_bytes: int
+    replication: int
+    files: int
+    chunks: int
+
+
+# --- keeper -> tracker -------------------------------------------------------------------------
+
+# A chunk held by a keeper: [chunk_id, version]
+HeldChunk = list[int]
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class RegisterKeeper(Message):
+    """A keeper (re)joins with its whole inventory; later heartbeats carry only changes."""
+
+    TYPE = MsgType.REGISTER_KEEPER
+    keeper_id: str
+    addr: str
+    zone: str
+    capacity_bytes: int
+    used_bytes: int
+    chunks: list[HeldChunk]
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class RegisterReply(Message):
+    TYPE = MsgType.REGISTER_REPLY
+    heartbeat_s: float
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    TYPE = MsgType.HEARTBEAT
+    keeper_id: str
+    capacity_bytes: int
+    used_bytes: int
+    added: list[HeldChunk] = field(default_factory=list)
+    removed: list[HeldChunk] = field(default_factory=list)
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class HeartbeatReply(Message):
+    """Commands for the keeper: chunk versions to delete. `reregister` asks for the full
+    inventory again (the tracker restarted or lost track of this keeper)."""
+
+    TYPE = MsgType.HEARTBEAT_REPLY
+    delete: list[HeldChunk]
+    reregister: bool = False
+
+
+# --- client/keeper -> keeper -------------------------------------------------------------------
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class PutChunk(Message):
+    """Store a chunk version; the payload is its bytes. The keeper checks `checksums` (packed
+    per-block xxh3_64) before it answers, forwards the chunk to `forward[0]` with the rest of
+    the list, and answers once its own copy and every copy downstream are durable."""
+
+    TYPE = MsgType.PUT_CHUNK
+    chunk_id: int
+    version: int
+    checksums: bytes
+    forward: list[str] = field(default_factory=list)
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class PutChunkReply(Message):
+    """`stored`: the addrs that hold the chunk durably (this keeper first)."""
+
+    TYPE = MsgType.PUT_CHUNK_REPLY
+    stored: list[str]
+    failed: list[str] = field(default_factory=list)
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ReadChunk(Message):
+    """Read `length_bytes` from `offset_bytes` of a chunk version (0 length: to the end)."""
+
+    TYPE = MsgType.READ_CHUNK
+    chunk_id: int
+    version: int
+    offset_bytes: int = 0
+    length_bytes: int = 0
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ReadChunkReply(Message):
+    """The payload is whole blocks from `first_block` covering the range asked for; the reader
+    checks them against `checksums` (all blocks of the chunk), whose digest the tracker keeps."""
+
+    TYPE = MsgType.READ_CHUNK_REPLY
+    length_bytes: int
+    first_block: int
+    checksums: bytes

@@ -1,0 +1,368 @@
+"""The tracker: answers namespace and chunk requests, and keeps the keeper registry.
+
+`Tracker.handle` is the one dispatcher; each request maps to one method. Namespace changes go
+through `Namespace` (one SQLite transaction each, no await inside), so requests never observe
+each other half-done. Deletions that a change implies are queued on the keepers that hold the
+chunks and leave with their next heartbeat reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from cluster import messages as m
+from cluster.errors import InvalidArgument, NoSpace, StaleChunk, Unavailable
+from cluster.protocol import Buffer
+from cluster.serve import ServeOptions, serve
+from cluster.tracker import placement
+from cluster.tracker.keepers import KeeperRegistry, KeeperState
+from cluster.tracker.namespace import Namespace, Removal
+from cluster.tracker.store import ChunkRow, Inode, SqliteStore
+
+log = logging.getLogger(__name__)
+
+MAX_CHUNK_SIZE = 64 << 20
+
+
+class Tracker:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        replication: int = 3,
+        chunk_size: int = 8 << 20,
+        heartbeat_s: float = 2.0,
+        dead_after_s: float = 30.0,
+    ) -> None:
+        if not 0 < chunk_size <= MAX_CHUNK_SIZE or chunk_size % 65536:
+            raise ValueError("chunk_size must be a multiple of 64 KiB, at most 64 MiB")
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = SqliteStore(data_dir / "meta.db")
+        self.namespace = Namespace(self.store, chunk_size)
+        self.registry = KeeperRegistry(dead_after_s)
+        self.replication = replication
+        self.chunk_size = chunk_size
+        self.heartbeat_s = heartbeat_s
+        removal = self.namespace.collect_orphans()
+        if removal.chunks:
+            log.info("collected %d chunks of files unlinked while open", len(removal.chunks))
+        self._handlers: dict[type[m.Message], Callable[[Any, str], Awaitable[m.Message]]] = {
+            m.Lookup: self.lookup,
+            m.GetAttr: self.get_attr,
+            m.SetAttr: self.set_attr,
+            m.ResolvePath: self.resolve_path,
+            m.ReadDir: self.read_dir,
+            m.MakeNode: self.make_node,
+            m.Symlink: self.symlink,
+            m.ReadLink: self.read_link,
+            m.Link: self.link,
+            m.Unlink: self.unlink,
+            m.RemoveDir: self.remove_dir,
+            m.Rename: self.rename,
+            m.OpenFile: self.open_file,
+            m.ReleaseFile: self.release_file,
+            m.StatFs: self.stat_fs,
+            m.GetChunks: self.get_chunks,
+            m.AllocateChunk: self.allocate_chunk,
+            m.CommitChunks: self.commit_chunks,
+            m.ReportBadChunk: self.report_bad_chunk,
+            m.ClusterStatus: self.cluster_status,
+            m.RegisterKeeper: self.register_keeper,
+            m.Heartbeat: self.heartbeat,
+        }
+
+    async def run(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await serve(self, host, port, ServeOptions(role="tracker"), task_status=task_status)
+        finally:
+            self.store.close()
+
+    async def handle(
+        self, msg: m.Message, payload: bytearray, peer: str
+    ) -> tuple[m.Message, Buffer]:
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            raise InvalidArgument(f"the tracker does not serve {type(msg).__name__}")
+        return await handler(msg, peer), b""
+
+    def _removed(self, removal: Removal) -> None:
+        for row in removal.chunks:
+            self.registry.queue_delete(row.chunk_id)
+
+    # --- namespace ------------------------------------------------------------------------
+
+    async def lookup(self, msg: m.Lookup, peer: str) -> m.Message:
+        return m.AttrReply(attr=self.namespace.lookup(msg.parent, msg.name).as_list())
+
+    async def get_attr(self, msg: m.GetAttr, peer: str) -> m.Message:
+        return m.AttrReply(attr=self.namespace.inode(msg.ino).as_list())
+
+    async def set_attr(self, msg: m.SetAttr, peer: str) -> m.Message:
+        inode, removal = self.namespace.setattr(
+            msg.ino,
+            mode=msg.mode,
+            uid=msg.uid,
+            gid=msg.gid,
+            size=msg.size_bytes,
+            atime_ns=msg.atime_ns,
+            mtime_ns=msg.mtime_ns,
+            ctime_ns=msg.ctime_ns,
+        )
+        self._removed(removal)
+        return m.AttrReply(attr=inode.as_list())
+
+    async def resolve_path(self, msg: m.ResolvePath, peer: str) -> m.Message:
+        return m.AttrReply(attr=self.namespace.resolve(msg.path).as_list())
+
+    async def read_dir(self, msg: m.ReadDir, peer: str) -> m.Message:
+        entries = self.namespace.readdir(msg.ino, msg.offset, msg.limit)
+        return m.ReadDirReply(
+            entries=[[name, inode.as_list(), cookie] for name, inode, cookie in entries]
+        )
+
+    async def make_node(self, msg: m.MakeNode, peer: str) -> m.Message:
+        inode = self.namespace.make_node(msg.parent, msg.name, msg.mode, msg.uid, msg.gid, msg.rdev)
+        return m.AttrReply(attr=inode.as_list())
+
+    async def symlink(self, msg: m.Symlink, peer: str) -> m.Message:
+        inode = self.namespace.symlink(msg.parent, msg.name, msg.target, msg.uid, msg.gid)
+        return m.AttrReply(attr=inode.as_list())
+
+    async def read_link(self, msg: m.ReadLink, peer: str) -> m.Message:
+        return m.ReadLinkReply(target=self.namespace.readlink(msg.ino))
+
+    async def link(self, msg: m.Link, peer: str) -> m.Message:
+        inode = self.namespace.link(msg.ino, msg.new_parent, msg.new_name)
+        return m.AttrReply(attr=inode.as_list())
+
+    async def unlink(self, msg: m.Unlink, peer: str) -> m.Message:
+        inode, removal = self.namespace.unlink(msg.parent, msg.name)
+        self._removed(removal)
+        return m.UnlinkReply(ino=inode.ino, nlink=inode.nlink)
+
+    async def remove_dir(self, msg: m.RemoveDir, peer: str) -> m.Message:
+        self.namespace.rmdir(msg.parent, msg.name)
+        return m.OkReply()
+
+    async def rename(self, msg: m.Rename, peer: str) -> m.Message:
+        removal = self.namespace.rename(
+            msg.old_parent, msg.old_name, msg.new_parent, msg.new_name, msg.flags
+        )
+        self._removed(removal)
+        return m.OkReply()
+
+    async def open_file(self, msg: m.OpenFile, peer: str) -> m.Message:
+        return m.AttrReply(attr=self.namespace.open(msg.ino, msg.session).as_list())
+
+    async def release_file(self, msg: m.ReleaseFile, peer: str) -> m.Message:
+        self._removed(self.namespace.release(msg.ino, msg.session))
+        return m.OkReply()
+
+    async def stat_fs(self, msg: m.StatFs, peer: str) -> m.Message:
+        live = self.registry.live()
+        capacity = sum(k.capacity_bytes for k in live)
+        used = sum(k.used_bytes for k in live)
+        return m.StatFsReply(
+            capacity_bytes=capacity,
+            used_bytes=used,
+            free_bytes=max(0, capacity - used),
+            files=self.store.count_inodes(),
+        )
+
+    # --- chunks ---------------------------------------------------------------------------
+
+    def _copies(self, inode: Inode) -> int:
+        return inode.replication or self.replication
+
+    def _addrs(self, row: ChunkRow) -> list[str]:
+        """Live keepers holding the committed version, rotated by chunk id to spread reads."""
+        live: list[str] = []
+        stale: list[str] = []
+        for keeper_id in self.registry.chunks.holders_of(row.chunk_id, row.version):
+            keeper = self.registry.keepers.get(keeper_id)
+            if keeper is None:
+                continue
+            (live if self.registry.is_alive(keeper_id) else stale).append(keeper.addr)
+        live.sort()
+        if live:
+            turn = row.chunk_id % len(live)
+            live = live[turn:] + live[:turn]
+        return live + sorted(stale)
+
+    async def get_chunks(self, msg: m.GetChunks, peer: str) -> m.Message:
+        inode = self.namespace.inode(msg.ino)
+        rows = self.store.get_chunks(msg.ino, msg.first_index, max(0, msg.count))
+        return m.ChunksReply(
+            size_bytes=inode.size,
+            chunk_size_bytes=inode.chunk_size or self.chunk_size,
+            chunks=[
+                [r.idx, r.chunk_id, r.version, r.length, r.digest, self._addrs(r)] for r in rows
+            ],
+        )
+
+    async def allocate_chunk(self, msg: m.AllocateChunk, peer: str) -> m.Message:
+        inode = self.namespace.inode(msg.ino)
+        chunk_bytes = inode.chunk_size or self.chunk_size
+        candidates = [k for k in self.registry.live() if k.addr not in msg.exclude]
+        if not candidates:
+            raise Unavailable("no live keepers")
+        chosen = placement.choose(candidates, self._copies(inode), chunk_bytes)
+        if not chosen:
+            raise NoSpace("every live keeper is full")
+        with self.store.transaction():
+            current = self.store.chunk_for(msg.ino, msg.index)
+            if current is not None:
+                chunk_id = current.chunk_id
+            else:
+                chunk_id = (
+                    self.store.allocation_for(msg.ino, msg.index) or self.store.next_chunk_id()
+                )
+            version = 1 + max(
+                current.version if current else 0, self.store.top_allocated_version(chunk_id)
+            )
+            self.store.add_allocation(chunk_id, version, msg.ino, msg.index)
+        for keeper in chosen:
+            keeper.reserved_bytes += chunk_bytes
+        return m.AllocateReply(
+            chunk_id=chunk_id,
+            version=version,
+            keepers=[k.addr for k in chosen],
+            chunk_size_bytes=chunk_bytes,
+        )
+
+    async def commit_chunks(self, msg: m.CommitChunks, peer: str) -> m.Message:
+        replaced: list[ChunkRow] = []
+        with self.store.transaction():
+            inode = self.namespace.inode(msg.ino)
+            chunk_bytes = inode.chunk_size or self.chunk_size
+            for raw in msg.chunks:
+                try:
+                    index, chunk_id, version, length, digest, addrs = raw
+                    valid = (
+                        all(isinstance(v, int) for v in (index, chunk_id, version, length, digest))
+                        and isinstance(addrs, list)
+                        and 0 <= length <= chunk_bytes
+                    )
+                except ValueError:
+                    valid = False
+                if not valid:
+                    raise InvalidArgument(f"malformed chunk record {raw!r}")
+                if not self.store.remove_allocation(chunk_id, version):
+                    raise StaleChunk(f"chunk {chunk_id} v{version} was not allocated")
+                row = ChunkRow(msg.ino, index, chunk_id, version, length, digest)
+                old = self.store.put_chunk(row)
+                if old is not None and (old.chunk_id, old.version) != (chunk_id, version):
+                    replaced.append(old)
+                for addr in addrs:
+                    keeper = self.registry.by_addr(str(addr))
+                    if keeper is not None:
+                        self.registry.chunks.add(keeper.keeper_id, chunk_id, version)
+            if msg.size_bytes < 0:
+                raise InvalidArgument("negative size")
+            keep = (msg.size_bytes + chunk_bytes - 1) // chunk_bytes
+            replaced += self.store.drop_chunks_from(msg.ino, keep)
+            inode.size = msg.size_bytes
+            inode.mtime_ns = msg.mtime_ns
+            inode.ctime_ns = time.time_ns()
+            self.store.update_inode(inode)
+        for old in replaced:
+            if any(old.chunk_id == r[1] for r in msg.chunks):
+                # Same chunk id, newer version: delete only the superseded version.
+                self.registry.queue_delete(old.chunk_id, old.version)
+            else:
+                self.registry.queue_delete(old.chunk_id)
+        return m.AttrReply(attr=inode.as_list())
+
+    async def report_bad_chunk(self, msg: m.ReportBadChunk, peer: str) -> m.Message:
+        keeper = self.registry.by_addr(msg.addr)
+        log.warning(
+            "bad copy of chunk %d v%d on %s reported by %s: %s",
+            msg.chunk_id,
+            msg.version,
+            msg.addr,
+            peer,
+            msg.reason,
+        )
+        if (
+            keeper is not None
+            and self.registry.chunks.holders.get(msg.chunk_id, {}).get(keeper.keeper_id)
+            == msg.version
+        ):
+            self.registry.chunks.remove(keeper.keeper_id, msg.chunk_id, msg.version)
+            keeper.to_delete.add((msg.chunk_id, msg.version))
+        return m.OkReply()
+
+    async def cluster_status(self, msg: m.ClusterStatus, peer: str) -> m.Message:
+        now = trio.current_time()
+        keepers = []
+        for k in sorted(self.registry.keepers.values(), key=lambda k: k.addr):
+            keepers.append(
+                {
+                    "id": k.keeper_id,
+                    "addr": k.addr,
+                    "zone": k.zone,
+                    "state": "alive" if k.alive(now, self.registry.dead_after_s) else "dead",
+                    "used_bytes": k.used_bytes,
+                    "capacity_bytes": k.capacity_bytes,
+                    "chunks": len(self.registry.chunks.by_keeper.get(k.keeper_id, {})),
+                    "last_seen_s": round(now - k.last_seen, 1),
+                }
+            )
+        return m.ClusterStatusReply(
+            keepers=keepers,
+            chunk_size_bytes=self.chunk_size,
+            replication=self.replication,
+            files=self.store.count_inodes(),
+            chunks=self.store.count_chunks(),
+        )
+
+    # --- keepers --------------------------------------------------------------------------
+
+    def _classify(self, keeper: KeeperState, held: list[list[int]]) -> None:
+        """Record what a keeper holds; queue deletion of versions no file needs."""
+        for item in held:
+            if len(item) != 2:
+                raise InvalidArgument("malformed chunk report")
+            chunk_id, version = item
+            committed = self.store.committed_version(chunk_id)
+            if committed == version or self.store.is_allocated(chunk_id, version):
+                self.registry.chunks.add(keeper.keeper_id, chunk_id, version)
+            else:
+                keeper.to_delete.add((chunk_id, version))
+
+    async def register_keeper(self, msg: m.RegisterKeeper, peer: str) -> m.Message:
+        keeper = self.registry.register(
+            msg.keeper_id, msg.addr, msg.zone, msg.capacity_bytes, msg.used_bytes
+        )
+        self._classify(keeper, msg.chunks)
+        log.info(
+            "keeper %s at %s registered with %d chunks (%d to delete)",
+            msg.keeper_id[:8],
+            msg.addr,
+            len(msg.chunks),
+            len(keeper.to_delete),
+        )
+        return m.RegisterReply(heartbeat_s=self.heartbeat_s)
+
+    async def heartbeat(self, msg: m.Heartbeat, peer: str) -> m.Message:
+        keeper = self.registry.keepers.get(msg.keeper_id)
+        if keeper is None:
+            return m.HeartbeatReply(delete=[], reregister=True)
+        keeper.last_seen = trio.current_time()
+        keeper.capacity_bytes = msg.capacity_bytes
+        keeper.used_bytes = msg.used_bytes
+        keeper.reserved_bytes = 0
+        for chunk_id, version in ((c[0], c[1]) for c in msg.removed if len(c) == 2):
+            self.registry.chunks.remove(keeper.keeper_id, chunk_id, version)
+        self._classify(keeper, msg.added)
+        delete = sorted(keeper.to_delete)
+        keeper.to_delete.clear()
+        return m.HeartbeatReply(delete=[[c, v] for c, v in delete])

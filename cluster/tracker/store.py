@@ -1,0 +1,376 @@
+"""The tracker's persistent state: namespace, chunk lists and pending chunk versions.
+
+`MetadataStore` is the interface the rest of the tracker uses; `SqliteStore` implements it on
+SQLite in WAL mode with synchronous=FULL, so a committed transaction survives SIGKILL and power
+loss. Every namespace operation is one transaction (`with store.transaction():`); callers never
+await inside one, so trio tasks cannot interleave half-done changes.
+
+Which keeper holds which chunk is *not* here: that is soft state rebuilt from keeper reports.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+ROOT_INO = 1
+
+SCHEMA = """
+-- One row per file, directory, symlink, FIFO or device node.
+CREATE TABLE IF NOT EXISTS inodes (
+    ino         INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused, so FUSE generation stays 0
+    mode        INTEGER NOT NULL,  -- st_mode: file type bits and permission bits
+    nlink       INTEGER NOT NULL,  -- names pointing here (dirs: 2 + subdirectories);
+                                   -- 0 while an unlinked file is still open somewhere
+    uid         INTEGER NOT NULL,
+    gid         INTEGER NOT NULL,
+    rdev        INTEGER NOT NULL DEFAULT 0,
+    size        INTEGER NOT NULL DEFAULT 0,  -- bytes; chunks past it are never kept
+    atime_ns    INTEGER NOT NULL,
+    mtime_ns    INTEGER NOT NULL,
+    ctime_ns    INTEGER NOT NULL,
+    chunk_size  INTEGER NOT NULL DEFAULT 0,  -- bytes per chunk, fixed when the file is made
+    replication INTEGER NOT NULL DEFAULT 0,  -- copies per chunk; 0: the cluster default
+    target      BLOB               -- symlink target, NULL otherwise
+);
+
+-- Names. The id is the readdir cookie: stable while other entries come and go.
+CREATE TABLE IF NOT EXISTS dentries (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    parent  INTEGER NOT NULL,      -- a directory inode
+    name    BLOB NOT NULL,         -- bytes as the kernel gives them, at most 255
+    ino     INTEGER NOT NULL,
+    UNIQUE (parent, name)
+);
+CREATE INDEX IF NOT EXISTS dentries_by_parent ON dentries (parent, id);
+CREATE INDEX IF NOT EXISTS dentries_by_ino ON dentries (ino);
+
+-- The committed chunk list of each file. A missing index is a hole (reads as zeros).
+CREATE TABLE IF NOT EXISTS chunks (
+    ino       INTEGER NOT NULL,
+    idx       INTEGER NOT NULL,    -- chunk number: bytes [idx*chunk_size, ...)
+    chunk_id  INTEGER NOT NULL,    -- stable for (ino, idx); a rewrite bumps the version
+    version   INTEGER NOT NULL,
+    length    INTEGER NOT NULL,    -- valid bytes; anything stored past it reads as zeros
+    digest    INTEGER NOT NULL,    -- xxh3_64 of the packed block checksums
+    PRIMARY KEY (ino, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunks_by_id ON chunks (chunk_id);
+
+-- Versions handed out to writers and not yet committed. Keepers may hold them; they are not
+-- garbage until they are older than the grace period.
+CREATE TABLE IF NOT EXISTS allocations (
+    chunk_id   INTEGER NOT NULL,
+    version    INTEGER NOT NULL,
+    ino        INTEGER NOT NULL,
+    idx        INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL,
+    PRIMARY KEY (chunk_id, version)
+) WITHOUT ROWID;
+
+-- Counters: next chunk id.
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(slots=True)
+class Inode:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    chunk_size: int
+    replication: int
+    target: bytes | None
+
+    def as_list(self) -> list[int]:
+        """The wire form (messages.AttrList); generation is 0 as inodes are never reused."""
+        return [
+            self.ino,
+            self.mode,
+            self.nlink,
+            self.uid,
+            self.gid,
+            self.rdev,
+            self.size,
+            self.atime_ns,
+            self.mtime_ns,
+            self.ctime_ns,
+            0,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRow:
+    ino: int
+    idx: int
+    chunk_id: int
+    version: int
+    length: int
+    digest: int
+
+
+_INODE_COLUMNS = (
+    "ino, mode, nlink, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns, chunk_size,"
+    " replication, target"
+)
+
+
+class MetadataStore(Protocol):
+    """What the tracker needs from its database; SQLite now, a server database later."""
+
+    def transaction(self) -> AbstractContextManager[None]: ...
+    def get_inode(self, ino: int) -> Inode | None: ...
+    def insert_inode(self, inode: Inode) -> int: ...
+    def update_inode(self, inode: Inode) -> None: ...
+    def delete_inode(self, ino: int) -> None: ...
+    def lookup(self, parent: int, name: bytes) -> int | None: ...
+    def add_dentry(self, parent: int, name: bytes, ino: int) -> None: ...
+    def remove_dentry(self, parent: int, name: bytes) -> None: ...
+    def list_dentries(
+        self, parent: int, after: int, limit: int
+    ) -> list[tuple[int, bytes, int]]: ...
+    def has_dentries(self, parent: int) -> bool: ...
+    def parent_of(self, ino: int) -> int | None: ...
+    def get_chunks(self, ino: int, first: int, count: int) -> list[ChunkRow]: ...
+    def put_chunk(self, row: ChunkRow) -> ChunkRow | None: ...
+    def drop_chunks_from(self, ino: int, first: int) -> list[ChunkRow]: ...
+    def chunk_for(self, ino: int, idx: int) -> ChunkRow | None: ...
+    def committed_version(self, chunk_id: int) -> int | None: ...
+    def next_chunk_id(self) -> int: ...
+    def add_allocation(self, chunk_id: int, version: int, ino: int, idx: int) -> None: ...
+    def top_allocated_version(self, chunk_id: int) -> int: ...
+    def allocation_for(self, ino: int, idx: int) -> int | None: ...
+    def remove_allocation(self, chunk_id: int, version: int) -> bool: ...
+    def is_allocated(self, chunk_id: int, version: int) -> bool: ...
+    def count_inodes(self) -> int: ...
+    def count_chunks(self) -> int: ...
+    def orphans(self) -> list[int]: ...
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=OFF")
+        self.db.executescript(SCHEMA)
+        self._depth = 0
+        if self.get_inode(ROOT_INO) is None:
+            now = time.time_ns()
+            with self.transaction():
+                self.db.execute(
+                    f"INSERT INTO inodes ({_INODE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (ROOT_INO, 0o40755, 2, 0, 0, 0, 0, now, now, now, 0, 0, None),
+                )
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic, durable unit; nested uses join the outer one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+        finally:
+            self._depth = 0
+
+    # --- inodes ---------------------------------------------------------------------------
+
+    def get_inode(self, ino: int) -> Inode | None:
+        row = self.db.execute(f"SELECT {_INODE_COLUMNS} FROM inodes WHERE ino=?", (ino,)).fetchone()
+        return Inode(*row) if row else None
+
+    def insert_inode(self, inode: Inode) -> int:
+        cur = self.db.execute(
+            f"INSERT INTO inodes ({_INODE_COLUMNS}) VALUES (NULL,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                inode.mode,
+                inode.nlink,
+                inode.uid,
+                inode.gid,
+                inode.rdev,
+                inode.size,
+                inode.atime_ns,
+                inode.mtime_ns,
+                inode.ctime_ns,
+                inode.chunk_size,
+                inode.replication,
+                inode.target,
+            ),
+        )
+        assert cur.lastrowid is not None
+        inode.ino = cur.lastrowid
+        return inode.ino
+
+    def update_inode(self, inode: Inode) -> None:
+        self.db.execute(
+            "UPDATE inodes SET mode=?, nlink=?, uid=?, gid=?, rdev=?, size=?, atime_ns=?,"
+            " mtime_ns=?, ctime_ns=?, chunk_size=?, replication=?, target=? WHERE ino=?",
+            (
+                inode.mode,
+                inode.nlink,
+                inode.uid,
+                inode.gid,
+                inode.rdev,
+                inode.size,
+                inode.atime_ns,
+                inode.mtime_ns,
+                inode.ctime_ns,
+                inode.chunk_size,
+                inode.replication,
+                inode.target,
+                inode.ino,
+            ),
+        )
+
+    def delete_inode(self, ino: int) -> None:
+        self.db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+
+    def count_inodes(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM inodes").fetchone()[0])
+
+    def orphans(self) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT ino FROM inodes WHERE nlink=0")]
+
+    # --- names ----------------------------------------------------------------------------
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        row = self.db.execute(
+            "SELECT ino FROM dentries WHERE parent=? AND name=?", (parent, name)
+        ).fetchone()
+        return int(row[0]) if row else None
+
+    def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
+        self.db.execute(
+            "INSERT INTO dentries (parent, name, ino) VALUES (?,?,?)", (parent, name, ino)
+        )
+
+    def remove_dentry(self, parent: int, name: bytes) -> None:
+        self.db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+
+    def list_dentries(self, parent: int, after: int, limit: int) -> list[tuple[int, bytes, int]]:
+        rows = self.db.execute(
+            "SELECT id, name, ino FROM dentries WHERE parent=? AND id>? ORDER BY id LIMIT ?",
+            (parent, after, limit),
+        ).fetchall()
+        return [(int(i), bytes(n), int(o)) for i, n, o in rows]
+
+    def has_dentries(self, parent: int) -> bool:
+        return (
+            self.db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (parent,)).fetchone()
+            is not None
+        )
+
+    def parent_of(self, ino: int) -> int | None:
+        row = self.db.execute("SELECT parent FROM dentries WHERE ino=? LIMIT 1", (ino,)).fetchone()
+        return int(row[0]) if row else None
+
+    # --- chunks ---------------------------------------------------------------------------
+
+    def get_chunks(self, ino: int, first: int, count: int) -> list[ChunkRow]:
+        rows = self.db.execute(
+            "SELECT ino, idx, chunk_id, version, length, digest FROM chunks"
+            " WHERE ino=? AND idx>=? ORDER BY idx LIMIT ?",
+            (ino, first, count),
+        ).fetchall()
+        return [ChunkRow(*r) for r in rows]
+
+    def chunk_for(self, ino: int, idx: int) -> ChunkRow | None:
+        row = self.db.execute(
+            "SELECT ino, idx, chunk_id, version, length, digest FROM chunks WHERE ino=? AND idx=?",
+            (ino, idx),
+        ).fetchone()
+        return ChunkRow(*row) if row else None
+
+    def put_chunk(self, row: ChunkRow) -> ChunkRow | None:
+        """Set chunk `idx` of `ino`; returns the row it replaced."""
+        old = self.chunk_for(row.ino, row.idx)
+        self.db.execute(
+            "INSERT OR REPLACE INTO chunks (ino, idx, chunk_id, version, length, digest)"
+            " VALUES (?,?,?,?,?,?)",
+            (row.ino, row.idx, row.chunk_id, row.version, row.length, row.digest),
+        )
+        return old
+
+    def drop_chunks_from(self, ino: int, first: int) -> list[ChunkRow]:
+        dropped = self.get_chunks(ino, first, 1 << 62)
+        self.db.execute("DELETE FROM chunks WHERE ino=? AND idx>=?", (ino, first))
+        return dropped
+
+    def committed_version(self, chunk_id: int) -> int | None:
+        row = self.db.execute("SELECT version FROM chunks WHERE chunk_id=?", (chunk_id,)).fetchone()
+        return int(row[0]) if row else None
+
+    def count_chunks(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM chunks").fetchone()[0])
+
+    def next_chunk_id(self) -> int:
+        row = self.db.execute("SELECT value FROM counters WHERE name='chunk_id'").fetchone()
+        value = int(row[0]) if row else 1
+        self.db.execute(
+            "INSERT OR REPLACE INTO counters (name, value) VALUES ('chunk_id', ?)", (value + 1,)
+        )
+        return value
+
+    # --- allocations ----------------------------------------------------------------------
+
+    def add_allocation(self, chunk_id: int, version: int, ino: int, idx: int) -> None:
+        self.db.execute(
+            "INSERT INTO allocations (chunk_id, version, ino, idx, created_ns) VALUES (?,?,?,?,?)",
+            (chunk_id, version, ino, idx, time.time_ns()),
+        )
+
+    def top_allocated_version(self, chunk_id: int) -> int:
+        row = self.db.execute(
+            "SELECT max(version) FROM allocations WHERE chunk_id=?", (chunk_id,)
+        ).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def allocation_for(self, ino: int, idx: int) -> int | None:
+        row = self.db.execute(
+            "SELECT chunk_id FROM allocations WHERE ino=? AND idx=? LIMIT 1", (ino, idx)
+        ).fetchone()
+        return int(row[0]) if row else None
+
+    def remove_allocation(self, chunk_id: int, version: int) -> bool:
+        cur = self.db.execute(
+            "DELETE FROM allocations WHERE chunk_id=? AND version=?", (chunk_id, version)
+        )
+        return cur.rowcount > 0
+
+    def is_allocated(self, chunk_id: int, version: int) -> bool:
+        return (
+            self.db.execute(
+                "SELECT 1 FROM allocations WHERE chunk_id=? AND version=?", (chunk_id, version)
+            ).fetchone()
+            is not None
+        )
