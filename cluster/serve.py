@@ -112,6 +112,10 @@ async def _serve_connection(
                     answer, out_payload = await handler.handle(request, payload, peer)
                 except DfsError as exc:
                     answer = m.ErrorReply(code=exc.code, message=exc.message)
+                except Exception as exc:
+                    # A bug, not the peer's fault: answer this request with EIO and go on.
+                    log.exception("%s from %s failed", type(request).__name__, peer)
+                    answer = m.ErrorReply(code=DfsError.code, message=f"internal error: {exc}")
             await frames.send(answer.to_wire(request_id), out_payload)
     except EOFError:
         log.debug("%s closed the connection", peer)

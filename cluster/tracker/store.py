@@ -114,6 +114,15 @@ class Inode:
         ]
 
 
+def _to_sql(u64: int) -> int:
+    """SQLite integers are signed 64-bit; digests are unsigned."""
+    return u64 - (1 << 64) if u64 >= 1 << 63 else u64
+
+
+def _from_sql(i64: int) -> int:
+    return i64 + (1 << 64) if i64 < 0 else i64
+
+
 @dataclass(frozen=True, slots=True)
 class ChunkRow:
     ino: int
@@ -134,6 +143,7 @@ class MetadataStore(Protocol):
     """What the tracker needs from its database; SQLite now, a server database later."""
 
     def transaction(self) -> AbstractContextManager[None]: ...
+    def close(self) -> None: ...
     def get_inode(self, ino: int) -> Inode | None: ...
     def insert_inode(self, inode: Inode) -> int: ...
     def update_inode(self, inode: Inode) -> None: ...
@@ -302,14 +312,16 @@ class SqliteStore:
             " WHERE ino=? AND idx>=? ORDER BY idx LIMIT ?",
             (ino, first, count),
         ).fetchall()
-        return [ChunkRow(*r) for r in rows]
+        return [ChunkRow(r[0], r[1], r[2], r[3], r[4], _from_sql(r[5])) for r in rows]
 
     def chunk_for(self, ino: int, idx: int) -> ChunkRow | None:
         row = self.db.execute(
             "SELECT ino, idx, chunk_id, version, length, digest FROM chunks WHERE ino=? AND idx=?",
             (ino, idx),
         ).fetchone()
-        return ChunkRow(*row) if row else None
+        if row is None:
+            return None
+        return ChunkRow(row[0], row[1], row[2], row[3], row[4], _from_sql(row[5]))
 
     def put_chunk(self, row: ChunkRow) -> ChunkRow | None:
         """Set chunk `idx` of `ino`; returns the row it replaced."""
@@ -317,7 +329,7 @@ class SqliteStore:
         self.db.execute(
             "INSERT OR REPLACE INTO chunks (ino, idx, chunk_id, version, length, digest)"
             " VALUES (?,?,?,?,?,?)",
-            (row.ino, row.idx, row.chunk_id, row.version, row.length, row.digest),
+            (row.ino, row.idx, row.chunk_id, row.version, row.length, _to_sql(row.digest)),
         )
         return old
 

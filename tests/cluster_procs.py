@@ -1,0 +1,218 @@
+"""Real tracker and keeper processes on 127.0.0.1 for tests.
+
+Processes are started from the installed console scripts, bind port 0 and announce their
+address on a ready line on stderr, which is read from their log file. Every process is
+registered with its `ProcCluster`, and the fixture that made the cluster stops each one by PID
+when the test ends, whether it passed or not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+START_TIMEOUT_S = 20.0
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log: Path, prefix: str) -> str:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if log.exists():
+            for line in log.read_text(errors="replace").splitlines():
+                if line.startswith(prefix):
+                    return line.rsplit(" ", 1)[1]
+        if proc.poll() is not None:
+            raise RuntimeError(f"{prefix} exited with {proc.returncode}:\n{log.read_text()}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{prefix} not ready in {START_TIMEOUT_S}s:\n{log.read_text()}")
+
+
+@dataclass
+class Daemon:
+    name: str
+    argv: list[str]
+    data_dir: Path
+    log: Path
+    ready_prefix: str
+    proc: subprocess.Popen[bytes] | None = None
+    addr: str = ""
+    restarts: int = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def port(self) -> int:
+        return int(self.addr.rsplit(":", 1)[1])
+
+    def start(self, env: dict[str, str]) -> None:
+        argv = list(self.argv)
+        if self.addr:  # a restart comes back on the same port
+            argv[argv.index("--listen") + 1] = self.addr
+        self.log = self.log.with_name(f"{self.name}.{self.restarts}.log")
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=out, env=env)
+        self.addr = _wait_ready(self.proc, self.log, self.ready_prefix)
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.proc.pid, signal.SIGCONT)
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def logs(self) -> str:
+        return "".join(
+            p.read_text(errors="replace")
+            for p in sorted(self.log.parent.glob(f"{self.name}.*.log"))
+        )
+
+
+@dataclass
+class ProcCluster:
+    root: Path
+    replication: int
+    chunk_size: int
+    heartbeat_s: float
+    dead_after_s: float
+    tracker: Daemon | None = None
+    keepers: list[Daemon] = field(default_factory=list)
+
+    @property
+    def tracker_addr(self) -> str:
+        assert self.tracker is not None
+        return self.tracker.addr
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for key in list(env):
+            if key.startswith("DFS_"):
+                del env[key]
+        if self.tracker is not None and self.tracker.addr:
+            env["DFS_TRACKER"] = self.tracker.addr
+        return env
+
+    def start_tracker(self) -> Daemon:
+        data = self.root / "tracker"
+        self.tracker = Daemon(
+            "tracker",
+            [
+                str(BIN / "dfs-tracker"),
+                "--listen", "127.0.0.1:0",
+                "--data", str(data),
+                "--replication", str(self.replication),
+                "--chunk-size", str(self.chunk_size),
+                "--heartbeat-s", str(self.heartbeat_s),
+                "--dead-after-s", str(self.dead_after_s),
+                "--log-level", "INFO",
+            ],
+            data,
+            self.root / "tracker.log",
+            "dfs-tracker: listening on",
+        )  # fmt: skip
+        self.tracker.start(self.env)
+        return self.tracker
+
+    def add_keeper(self, capacity: int | None = None, zone: str = "") -> Daemon:
+        n = len(self.keepers)
+        data = self.root / f"keeper{n}"
+        argv = [
+            str(BIN / "dfs-keeper"),
+            "--listen", "127.0.0.1:0",
+            "--tracker", self.tracker_addr,
+            "--data", str(data),
+            "--heartbeat-s", str(self.heartbeat_s),
+            "--log-level", "INFO",
+        ]  # fmt: skip
+        if capacity is not None:
+            argv += ["--capacity", str(capacity)]
+        if zone:
+            argv += ["--zone", zone]
+        keeper = Daemon(
+            f"keeper{n}", argv, data, self.root / f"keeper{n}.log", "dfs-keeper: serving on"
+        )
+        self.keepers.append(keeper)
+        keeper.start(self.env)
+        return keeper
+
+    def restart(self, daemon: Daemon) -> None:
+        daemon.kill()
+        daemon.restarts += 1
+        daemon.start(self.env)
+
+    def dfs(
+        self, *args: str, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(BIN / "dfs"), "--tracker", self.tracker_addr, *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"dfs {' '.join(args)} failed ({result.returncode}): {result.stderr}"
+            )
+        return result
+
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.dfs("status", "--json").stdout)
+        return data
+
+    def stat(self, path: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.dfs("stat", "--json", path).stdout)
+        return data
+
+    def wait_alive(self, count: int, timeout: float = 20) -> None:
+        """Until exactly `count` keepers are registered and alive."""
+        deadline = time.monotonic() + timeout
+        while True:
+            alive = [k for k in self.status()["keepers"] if k["state"] == "alive"]
+            if len(alive) == count:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(alive)} keepers alive, expected {count}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for daemon in [*self.keepers, self.tracker]:
+            if daemon is not None:
+                daemon.stop()
+
+    def logs(self) -> str:
+        parts = [d.logs() for d in [self.tracker, *self.keepers] if d is not None]
+        return "\n".join(parts)
+
+
+def chunk_files(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / "chunks").glob("*/chunk_*.dfs"))

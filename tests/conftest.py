@@ -1,0 +1,64 @@
+"""Fixtures shared by every test layer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster_procs import ProcCluster
+
+MakeCluster = Callable[..., ProcCluster]
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[MakeCluster]:
+    """A factory of real clusters: `make_cluster(keepers=3, replication=3, ...)`.
+
+    Every process it starts is stopped by PID when the test ends, passed or failed.
+    """
+    made: list[ProcCluster] = []
+
+    def make(
+        keepers: int = 3,
+        replication: int = 3,
+        chunk_size: int = 8 << 20,
+        capacity: int | None = None,
+        heartbeat_s: float = 0.5,
+        dead_after_s: float = 30.0,
+        zones: list[str] | None = None,
+    ) -> ProcCluster:
+        root = tmp_path / f"cluster{len(made)}"
+        root.mkdir()
+        cluster = ProcCluster(root, replication, chunk_size, heartbeat_s, dead_after_s)
+        made.append(cluster)
+        cluster.start_tracker()
+        for i in range(keepers):
+            cluster.add_keeper(capacity=capacity, zone=zones[i] if zones else "")
+        cluster.wait_alive(keepers)
+        return cluster
+
+    try:
+        yield make
+    finally:
+        for cluster in made:
+            cluster.stop()
+
+
+@pytest.fixture
+def cluster(make_cluster: MakeCluster) -> ProcCluster:
+    """Three keepers, replication 3."""
+    return make_cluster()
+
+
+def random_file(path: Path, size: int) -> Path:
+    """A file of `size` random bytes (written in pieces to bound memory)."""
+    with open(path, "wb") as out:
+        left = size
+        while left:
+            n = min(left, 16 << 20)
+            out.write(os.urandom(n))
+            left -= n
+    return path

@@ -1,0 +1,94 @@
+"""Frames and messages: round trips, and every kind of malformed input is a ProtocolError."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import pytest
+import trio
+import trio.testing
+
+from cluster import messages as m
+from cluster.errors import ProtocolError
+from cluster.protocol import FrameStream, Limits
+
+
+async def _pair() -> tuple[FrameStream, FrameStream]:
+    left, right = trio.testing.memory_stream_pair()
+    return FrameStream(left), FrameStream(right)
+
+
+async def test_round_trip_with_payload() -> None:
+    sender, receiver = await _pair()
+    msg = m.PutChunk(chunk_id=7, version=2, checksums=b"\x01" * 8, forward=["127.0.0.1:1"])
+    payload = bytes(range(256)) * 1000
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.send, msg.to_wire(42), payload)
+        header, data = await receiver.receive()
+    request_id, decoded = m.decode(header)
+    assert (request_id, decoded) == (42, msg)
+    assert data == payload
+
+
+async def test_every_message_round_trips_its_defaults() -> None:
+    sender, receiver = await _pair()
+    samples = [m.Ping(), m.OkReply(), m.StatFs(), m.Hello(version=1, role="x")]
+    for sample in samples:
+        await sender.send(sample.to_wire(1))
+        header, _ = await receiver.receive()
+        assert m.decode(header)[1] == sample
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        struct.pack(">II", 0, 0),  # empty header
+        struct.pack(">II", 1 << 30, 0),  # oversized header
+        struct.pack(">II", 10, 1 << 31),  # oversized payload
+        struct.pack(">II", 1, 0) + b"\xc1",  # invalid msgpack
+        struct.pack(">II", 1, 0) + b"\x01",  # not a map
+    ],
+)
+async def test_malformed_frames(raw: bytes) -> None:
+    left, right = trio.testing.memory_stream_pair()
+    receiver = FrameStream(right, Limits(max_header=1 << 20, max_payload=1 << 20))
+    await left.send_all(raw)
+    with pytest.raises(ProtocolError):
+        await receiver.receive()
+
+
+async def test_truncated_frame_is_an_error_and_clean_close_is_eof() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    receiver = FrameStream(right)
+    await left.send_all(struct.pack(">II", 50, 0) + b"\x80")
+    await left.aclose()
+    with pytest.raises(ProtocolError):
+        await receiver.receive()
+    left, right = trio.testing.memory_stream_pair()
+    await left.aclose()
+    with pytest.raises(EOFError):
+        await FrameStream(right).receive()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"t": 9999, "id": 1},  # unknown type
+        {"t": int(m.MsgType.GET_ATTR)},  # no request id
+        {"t": int(m.MsgType.GET_ATTR), "id": 1, "ino": "1"},  # wrong type
+        {"t": int(m.MsgType.GET_ATTR), "id": 1},  # missing field
+        {"t": int(m.MsgType.GET_ATTR), "id": 1, "ino": 1, "evil": 2},  # unknown field
+        {"t": int(m.MsgType.GET_ATTR), "id": 1, "ino": True},  # bool is not an int
+        {"t": int(m.MsgType.PUT_CHUNK), "id": 1, "chunk_id": 1, "version": 1, "checksums": "x"},
+    ],
+)
+def test_invalid_messages(body: dict[str, object]) -> None:
+    raw = msgpack.unpackb(msgpack.packb(body), raw=False)
+    with pytest.raises(ProtocolError):
+        m.decode(raw)
+
+
+def test_message_types_are_unique_and_registered() -> None:
+    assert len(m.REGISTRY) == len({cls.TYPE for cls in m.REGISTRY.values()})
+    assert m.REGISTRY[int(m.MsgType.PUT_CHUNK)] is m.PutChunk
