@@ -40,6 +40,14 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _state(keeper: dict[str, Any]) -> str:
+    if keeper["state"] != "draining":
+        return str(keeper["state"])
+    if keeper.get("removable"):
+        return "drained: may be removed"
+    return f"draining ({keeper.get('drain_left', '?')} chunks left)"
+
+
 def _attr_json(attr: Attr) -> dict[str, Any]:
     return {
         "ino": attr.ino,
@@ -157,6 +165,7 @@ async def cmd_status(client: Client, args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
+                    "health": status.health,
                     "keepers": status.keepers,
                     "chunk_size": status.chunk_size_bytes,
                     "replication": status.replication,
@@ -170,11 +179,18 @@ async def cmd_status(client: Client, args: argparse.Namespace) -> int:
         f"replication {status.replication}, chunk size {_size(status.chunk_size_bytes)},"
         f" {status.files} inodes, {status.chunks} chunks"
     )
+    health = status.health
+    if health:
+        print(
+            f"health: {health['degraded']} chunks under-replicated, {health['lost']} without a"
+            f" live copy, {health['copies_in_flight']} copies in flight"
+            f" ({health['copies_done']} done, {_size(health['bytes_copied'])})"
+        )
     header = ("ADDRESS", "STATE", "ZONE", "USED", "CAPACITY", "CHUNKS")
     rows = [header] + [
         (
             k["addr"],
-            k["state"],
+            _state(k),
             k["zone"] or "-",
             _size(k["used_bytes"]),
             _size(k["capacity_bytes"]),
@@ -188,6 +204,49 @@ async def cmd_status(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_fsck(client: Client, args: argparse.Namespace) -> int:
+    """Exit 0 when every chunk has its goal, 1 when some are degraded, 2 when data is lost."""
+    report = await client.fsck(args.path)
+    code = 2 if report.lost else 1 if report.degraded else 0
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "files": report.files,
+                    "chunks": report.chunks,
+                    "degraded": report.degraded,
+                    "lost": report.lost,
+                    "problems": report.problems,
+                    "healthy": code == 0,
+                }
+            )
+        )
+        return code
+    for problem in report.problems:
+        print(
+            f"{problem['state'].upper():<9} {problem['path']} chunk #{problem['index']}"
+            f" (id {problem['chunk_id']:016x}): {problem['copies']} of {problem['goal']} copies"
+        )
+    verdict = {0: "HEALTHY", 1: "DEGRADED", 2: "DATA LOST"}[code]
+    print(
+        f"{verdict}: {report.files} files, {report.chunks} chunks,"
+        f" {report.degraded} under-replicated, {report.lost} without any live copy"
+    )
+    return code
+
+
+async def cmd_setrep(client: Client, args: argparse.Namespace) -> int:
+    await client.set_replication(args.path, args.copies)
+    return 0
+
+
+async def cmd_decommission(client: Client, args: argparse.Namespace) -> int:
+    await client.decommission(args.keeper, cancel=args.cancel)
+    if not args.cancel:
+        print(f"{args.keeper}: draining; `dfs status` shows when it may be removed")
+    return 0
+
+
 COMMANDS = {
     "put": cmd_put,
     "get": cmd_get,
@@ -197,6 +256,9 @@ COMMANDS = {
     "rm": cmd_rm,
     "stat": cmd_stat,
     "status": cmd_status,
+    "fsck": cmd_fsck,
+    "setrep": cmd_setrep,
+    "decommission": cmd_decommission,
 }
 
 
@@ -225,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("status", help="the keepers and their state")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("fsck", help="check that every chunk has its copies (exit 0, 1 or 2)")
+    p.add_argument("path", nargs="?", default="/")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("setrep", help="set the copies per chunk of a file or a tree")
+    p.add_argument("copies", type=int)
+    p.add_argument("path")
+    p = sub.add_parser("decommission", help="drain a keeper (address or id) before removal")
+    p.add_argument("keeper")
+    p.add_argument("--cancel", action="store_true", help="put the keeper back in service")
     return parser
 
 

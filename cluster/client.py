@@ -281,6 +281,15 @@ class Client:
     async def cluster_status(self) -> m.ClusterStatusReply:
         return await self._tracker(m.ClusterStatus(), m.ClusterStatusReply)
 
+    async def fsck(self, path: str = "/") -> m.FsckReply:
+        return await self._tracker(m.Fsck(path=os.fsencode(path)), m.FsckReply)
+
+    async def set_replication(self, path: str, copies: int) -> None:
+        await self._tracker(m.SetReplication(path=os.fsencode(path), copies=copies), m.OkReply)
+
+    async def decommission(self, keeper: str, cancel: bool = False) -> None:
+        await self._tracker(m.Decommission(keeper=keeper, cancel=cancel), m.OkReply)
+
     # --- paths (for the CLI and the Python API) ------------------------------------------
 
     async def resolve(self, path: str) -> Attr:

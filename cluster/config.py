@@ -100,6 +100,10 @@ KEYS: dict[str, Key] = {
         Key(
             "dead_after_s", _float, 30.0, "silence before a keeper is dead", ("cluster", "tracker")
         ),
+        Key(
+            "gc_grace_s", _float, 3600.0, "age before an uncommitted chunk is garbage", ("tracker",)
+        ),
+        Key("replicate_rate_mb_s", _float, 200.0, "bound on re-replication traffic", ("keeper",)),
         Key("capacity", parse_size, 0, "bytes this keeper may use (0: its disk)", ("keeper",)),
         Key("zone", _str, "", "failure domain for placement", ("keeper",)),
         Key("scrub_rate_mb_s", _float, 8.0, "background checksum scrub rate", ("keeper",)),

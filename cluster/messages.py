@@ -65,6 +65,10 @@ class MsgType(IntEnum):
     # client -> tracker: administration
     CLUSTER_STATUS = 70
     CLUSTER_STATUS_REPLY = 71
+    FSCK = 72
+    FSCK_REPLY = 73
+    SET_REPLICATION = 74
+    DECOMMISSION = 75
     # keeper -> tracker
     REGISTER_KEEPER = 80
     HEARTBEAT = 81
@@ -496,6 +500,51 @@ class ClusterStatusReply(Message):
     replication: int
     files: int
     chunks: int
+    health: dict[str, Any] = field(default_factory=dict)
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Fsck(Message):
+    """Check every file under `path`: how many live copies each chunk has against its goal."""
+
+    TYPE = MsgType.FSCK
+    path: bytes
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class FsckReply(Message):
+    """`problems`: {path, chunk index, chunk id, live copies, goal}; `lost` counts chunks with
+    no live copy, `degraded` those with fewer than their goal."""
+
+    TYPE = MsgType.FSCK_REPLY
+    files: int
+    chunks: int
+    degraded: int
+    lost: int
+    problems: list[dict[str, Any]]
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class SetReplication(Message):
+    """Set the copies per chunk of a file, or of every file under a directory."""
+
+    TYPE = MsgType.SET_REPLICATION
+    path: bytes
+    copies: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Decommission(Message):
+    """Drain a keeper (by address or id): copy its chunks elsewhere, place nothing new on it.
+    `cancel` puts it back in service."""
+
+    TYPE = MsgType.DECOMMISSION
+    keeper: str
+    cancel: bool = False
 
 
 # --- keeper -> tracker -------------------------------------------------------------------------
@@ -539,12 +588,14 @@ class Heartbeat(Message):
 @message
 @dataclass(frozen=True, slots=True)
 class HeartbeatReply(Message):
-    """Commands for the keeper: chunk versions to delete. `reregister` asks for the full
-    inventory again (the tracker restarted or lost track of this keeper)."""
+    """Commands for the keeper: chunk versions to delete, and chunks to copy from another
+    keeper (`replicate`: [chunk_id, version, source addr, digest]). `reregister` asks for the
+    full inventory again (the tracker restarted or lost track of this keeper)."""
 
     TYPE = MsgType.HEARTBEAT_REPLY
     delete: list[HeldChunk]
     reregister: bool = False
+    replicate: list[list[Any]] = field(default_factory=list)
 
 
 # --- client/keeper -> keeper -------------------------------------------------------------------

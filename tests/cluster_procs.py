@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,8 @@ class ProcCluster:
     chunk_size: int
     heartbeat_s: float
     dead_after_s: float
+    tracker_args: list[str] = field(default_factory=list)
+    keeper_args: list[str] = field(default_factory=list)
     tracker: Daemon | None = None
     keepers: list[Daemon] = field(default_factory=list)
 
@@ -134,6 +137,7 @@ class ProcCluster:
                 "--heartbeat-s", str(self.heartbeat_s),
                 "--dead-after-s", str(self.dead_after_s),
                 "--log-level", "INFO",
+                *self.tracker_args,
             ],
             data,
             self.root / "tracker.log",
@@ -152,6 +156,7 @@ class ProcCluster:
             "--data", str(data),
             "--heartbeat-s", str(self.heartbeat_s),
             "--log-level", "INFO",
+            *self.keeper_args,
         ]  # fmt: skip
         if capacity is not None:
             argv += ["--capacity", str(capacity)]
@@ -209,9 +214,28 @@ class ProcCluster:
             if daemon is not None:
                 daemon.stop()
 
+    def fsck(self, path: str = "/") -> tuple[int, dict[str, Any]]:
+        result = self.dfs("fsck", "--json", path, check=False)
+        if result.returncode not in (0, 1, 2):
+            raise AssertionError(f"dfs fsck failed: {result.stderr}")
+        report: dict[str, Any] = json.loads(result.stdout)
+        return result.returncode, report
+
+    def healthy(self) -> bool:
+        return self.fsck()[0] == 0
+
     def logs(self) -> str:
         parts = [d.logs() for d in [self.tracker, *self.keepers] if d is not None]
         return "\n".join(parts)
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `check` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
 
 
 def chunk_files(data_dir: Path) -> list[Path]:

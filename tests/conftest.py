@@ -29,10 +29,20 @@ def make_cluster(tmp_path: Path) -> Iterator[MakeCluster]:
         heartbeat_s: float = 0.5,
         dead_after_s: float = 30.0,
         zones: list[str] | None = None,
+        tracker_args: list[str] | None = None,
+        keeper_args: list[str] | None = None,
     ) -> ProcCluster:
         root = tmp_path / f"cluster{len(made)}"
         root.mkdir()
-        cluster = ProcCluster(root, replication, chunk_size, heartbeat_s, dead_after_s)
+        cluster = ProcCluster(
+            root,
+            replication,
+            chunk_size,
+            heartbeat_s,
+            dead_after_s,
+            tracker_args=list(tracker_args or []),
+            keeper_args=list(keeper_args or []),
+        )
         made.append(cluster)
         cluster.start_tracker()
         for i in range(keepers):

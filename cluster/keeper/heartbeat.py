@@ -14,6 +14,7 @@ import trio
 
 from cluster import messages as m
 from cluster.errors import DfsError
+from cluster.keeper.replicator import Replicator
 from cluster.keeper.server import KeeperServer
 from cluster.rpc import ConnectionPool
 
@@ -24,9 +25,16 @@ RETRY_MAX_S = 2.0
 
 class Heartbeat:
     def __init__(
-        self, server: KeeperServer, tracker: str, keeper_id: str, zone: str, heartbeat_s: float
+        self,
+        server: KeeperServer,
+        replicator: Replicator,
+        tracker: str,
+        keeper_id: str,
+        zone: str,
+        heartbeat_s: float,
     ) -> None:
         self.server = server
+        self.replicator = replicator
         self.tracker = tracker
         self.keeper_id = keeper_id
         self.zone = zone
@@ -88,3 +96,6 @@ class Heartbeat:
                 return
             for chunk_id, version in reply.delete:
                 await self.server.delete(chunk_id, version)
+            for command in reply.replicate:
+                if len(command) == 4:
+                    self.replicator.submit(command)

@@ -16,6 +16,8 @@ import trio
 from cluster import config
 from cluster.keeper.chunkstore import ChunkStore
 from cluster.keeper.heartbeat import Heartbeat
+from cluster.keeper.replicator import Replicator
+from cluster.keeper.scrubber import Scrubber
 from cluster.keeper.server import KeeperServer
 from cluster.logs import setup_logging
 from cluster.rpc import split_addr
@@ -46,14 +48,18 @@ async def _run(settings: dict[str, Any]) -> None:
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(serve, server, host, port, ServeOptions(role="keeper"))
         server.addr = f"{host}:{bound}"
+        replicator = Replicator(server, settings["replicate_rate_mb_s"])
         heartbeat = Heartbeat(
             server,
+            replicator,
             settings["tracker"],
             keeper_id(data_dir),
             settings["zone"],
             settings["heartbeat_s"],
         )
         nursery.start_soon(heartbeat.run, name="heartbeat")
+        nursery.start_soon(replicator.run, name="replicator")
+        nursery.start_soon(Scrubber(server, settings["scrub_rate_mb_s"]).run, name="scrubber")
         print(f"dfs-keeper: serving on {server.addr}", file=sys.stderr, flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:

@@ -32,6 +32,10 @@ class KeeperState:
     reserved_bytes: int = 0
     # Chunk versions this keeper must delete, sent with the next heartbeat reply.
     to_delete: set[tuple[int, int]] = field(default_factory=set)
+    # Copies this keeper must fetch: [chunk id, version, source addr, digest].
+    to_replicate: list[list[object]] = field(default_factory=list)
+    # Being decommissioned: gets no new chunks; its copies do not count toward the goal.
+    draining: bool = False
 
     def alive(self, now: float, dead_after_s: float) -> bool:
         return now - self.last_seen <= dead_after_s
@@ -74,10 +78,11 @@ class ChunkMap:
 
 
 class KeeperRegistry:
-    def __init__(self, dead_after_s: float) -> None:
+    def __init__(self, dead_after_s: float, draining: set[KeeperId] | None = None) -> None:
         self.dead_after_s = dead_after_s
         self.keepers: dict[KeeperId, KeeperState] = {}
         self.chunks = ChunkMap()
+        self.draining: set[KeeperId] = set(draining or ())
 
     def by_addr(self, addr: str) -> KeeperState | None:
         for keeper in self.keepers.values():
@@ -88,6 +93,18 @@ class KeeperRegistry:
     def live(self) -> list[KeeperState]:
         now = trio.current_time()
         return [k for k in self.keepers.values() if k.alive(now, self.dead_after_s)]
+
+    def writable(self) -> list[KeeperState]:
+        """Live keepers that may take new chunks."""
+        return [k for k in self.live() if not k.draining]
+
+    def find(self, name: str) -> KeeperState | None:
+        """A keeper by address or by (a prefix of) its id."""
+        found = self.by_addr(name)
+        if found is None:
+            matches = [k for k in self.keepers.values() if k.keeper_id.startswith(name)]
+            found = matches[0] if len(matches) == 1 else None
+        return found
 
     def is_alive(self, keeper_id: KeeperId) -> bool:
         keeper = self.keepers.get(keeper_id)
@@ -105,6 +122,7 @@ class KeeperRegistry:
             self.chunks.forget_keeper(other.keeper_id)
             del self.keepers[other.keeper_id]
         state = KeeperState(keeper_id, addr, zone, capacity, used, trio.current_time())
+        state.draining = keeper_id in self.draining
         if old is not None:
             state.to_delete = old.to_delete
         self.keepers[keeper_id] = state

@@ -28,6 +28,7 @@ async def _run(settings: dict[str, Any]) -> None:
         chunk_size=int(settings["chunk_size"]),
         heartbeat_s=float(settings["heartbeat_s"]),
         dead_after_s=float(settings["dead_after_s"]),
+        gc_grace_s=float(settings["gc_grace_s"]),
     )
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(tracker.run, host, port)

@@ -127,6 +127,9 @@ class Namespace:
                 raise InvalidArgument(f"unsupported file type {oct(mode)}")
             is_dir = stat.S_ISDIR(mode)
             inode = self._insert(mode, uid, gid, nlink=2 if is_dir else 1, rdev=rdev)
+            if directory.replication:  # a goal set on a directory holds for what it gets
+                inode.replication = directory.replication
+                self.store.update_inode(inode)
             self.store.add_dentry(parent, name, inode.ino)
             if is_dir:
                 directory.nlink += 1
@@ -335,6 +338,45 @@ class Namespace:
             if inode is not None and inode.nlink == 0:
                 return self._delete(inode)
         return Removal()
+
+    def set_replication(self, path: bytes, copies: int) -> int:
+        """Set the goal of a file, or of a directory and everything under it; returns how
+        many inodes changed."""
+        if not 1 <= copies <= 32:
+            raise InvalidArgument("copies must be between 1 and 32")
+        with self.store.transaction():
+            todo = [self.resolve(path).ino]
+            changed = 0
+            while todo:
+                inode = self.inode(todo.pop())
+                inode.replication = copies
+                self.store.update_inode(inode)
+                changed += 1
+                if stat.S_ISDIR(inode.mode):
+                    after = 0
+                    while page := self.store.list_dentries(inode.ino, after, 1000):
+                        todo.extend(child for _, _, child in page)
+                        after = page[-1][0]
+            return changed
+
+    def walk_files(self, path: bytes) -> list[tuple[bytes, Inode]]:
+        """Every regular file at or under `path`, with its path."""
+        root = self.resolve(path)
+        found: list[tuple[bytes, Inode]] = []
+        todo = [(path.rstrip(b"/") or b"/", root)]
+        while todo:
+            where, inode = todo.pop()
+            if stat.S_ISREG(inode.mode):
+                found.append((where, inode))
+            elif stat.S_ISDIR(inode.mode):
+                after = 0
+                while page := self.store.list_dentries(inode.ino, after, 1000):
+                    for _, name, child in page:
+                        child_inode = self.store.get_inode(child)
+                        if child_inode is not None:
+                            todo.append((where.rstrip(b"/") + b"/" + name, child_inode))
+                    after = page[-1][0]
+        return found
 
     def collect_orphans(self) -> Removal:
         """At start-up nobody holds anything open: delete inodes left without names."""

@@ -12,16 +12,25 @@ from cluster.tracker.keepers import KeeperState
 
 
 def choose(candidates: Sequence[KeeperState], copies: int, chunk_bytes: int) -> list[KeeperState]:
+    """Keepers for a new chunk."""
+    return choose_more([], candidates, copies, chunk_bytes)
+
+
+def choose_more(
+    present: Sequence[KeeperState], candidates: Sequence[KeeperState], copies: int, chunk_bytes: int
+) -> list[KeeperState]:
+    """`copies` more keepers for a chunk already on `present`, spreading zones the same way."""
     roomy = [k for k in candidates if k.free_bytes >= chunk_bytes]
     roomy.sort(key=lambda k: ((k.used_bytes + k.reserved_bytes) / max(1, k.capacity_bytes), k.addr))
-    all_zones = {k.zone for k in roomy}
+    all_zones = {k.zone for k in roomy} | {k.zone for k in present}
+    counts = dict.fromkeys(all_zones, 0)
+    for k in present:
+        counts[k.zone] += 1
     chosen: list[KeeperState] = []
-    zones_used: set[str] = set()
     while len(chosen) < copies and roomy:
-        pick = next((k for k in roomy if k.zone not in zones_used), roomy[0])
+        fewest = min(counts[k.zone] for k in roomy)
+        pick = next(k for k in roomy if counts[k.zone] == fewest)
         chosen.append(pick)
-        zones_used.add(pick.zone)
+        counts[pick.zone] += 1
         roomy.remove(pick)
-        if zones_used >= all_zones:
-            zones_used.clear()  # every zone has a copy: start the next round
     return chosen

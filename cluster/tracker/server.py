@@ -17,10 +17,11 @@ from typing import Any
 import trio
 
 from cluster import messages as m
-from cluster.errors import InvalidArgument, NoSpace, StaleChunk, Unavailable
+from cluster.errors import InvalidArgument, NoSpace, NotFound, StaleChunk, Unavailable
 from cluster.protocol import Buffer
 from cluster.serve import ServeOptions, serve
 from cluster.tracker import placement
+from cluster.tracker.healer import Healer
 from cluster.tracker.keepers import KeeperRegistry, KeeperState
 from cluster.tracker.namespace import Namespace, Removal
 from cluster.tracker.store import ChunkRow, Inode, SqliteStore
@@ -39,13 +40,23 @@ class Tracker:
         chunk_size: int = 8 << 20,
         heartbeat_s: float = 2.0,
         dead_after_s: float = 30.0,
+        gc_grace_s: float = 3600.0,
     ) -> None:
         if not 0 < chunk_size <= MAX_CHUNK_SIZE or chunk_size % 65536:
             raise ValueError("chunk_size must be a multiple of 64 KiB, at most 64 MiB")
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = SqliteStore(data_dir / "meta.db")
         self.namespace = Namespace(self.store, chunk_size)
-        self.registry = KeeperRegistry(dead_after_s)
+        self.registry = KeeperRegistry(dead_after_s, self.store.draining())
+        self.healer = Healer(
+            self.store,
+            self.registry,
+            replication,
+            interval_s=min(1.0, heartbeat_s),
+            startup_grace_s=dead_after_s,
+            copy_timeout_s=max(30.0, 10 * heartbeat_s),
+            gc_grace_s=gc_grace_s,
+        )
         self.replication = replication
         self.chunk_size = chunk_size
         self.heartbeat_s = heartbeat_s
@@ -73,6 +84,9 @@ class Tracker:
             m.CommitChunks: self.commit_chunks,
             m.ReportBadChunk: self.report_bad_chunk,
             m.ClusterStatus: self.cluster_status,
+            m.Fsck: self.fsck,
+            m.SetReplication: self.set_replication,
+            m.Decommission: self.decommission,
             m.RegisterKeeper: self.register_keeper,
             m.Heartbeat: self.heartbeat,
         }
@@ -81,7 +95,10 @@ class Tracker:
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
         try:
-            await serve(self, host, port, ServeOptions(role="tracker"), task_status=task_status)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.healer.run, name="healer")
+                bound = await nursery.start(serve, self, host, port, ServeOptions(role="tracker"))
+                task_status.started(bound)
         finally:
             self.store.close()
 
@@ -211,7 +228,7 @@ class Tracker:
     async def allocate_chunk(self, msg: m.AllocateChunk, peer: str) -> m.Message:
         inode = self.namespace.inode(msg.ino)
         chunk_bytes = inode.chunk_size or self.chunk_size
-        candidates = [k for k in self.registry.live() if k.addr not in msg.exclude]
+        candidates = [k for k in self.registry.writable() if k.addr not in msg.exclude]
         if not candidates:
             raise Unavailable("no live keepers")
         chosen = placement.choose(candidates, self._copies(inode), chunk_bytes)
@@ -302,27 +319,84 @@ class Tracker:
 
     async def cluster_status(self, msg: m.ClusterStatus, peer: str) -> m.Message:
         now = trio.current_time()
+        health = self.healer.health
         keepers = []
         for k in sorted(self.registry.keepers.values(), key=lambda k: k.addr):
-            keepers.append(
-                {
-                    "id": k.keeper_id,
-                    "addr": k.addr,
-                    "zone": k.zone,
-                    "state": "alive" if k.alive(now, self.registry.dead_after_s) else "dead",
-                    "used_bytes": k.used_bytes,
-                    "capacity_bytes": k.capacity_bytes,
-                    "chunks": len(self.registry.chunks.by_keeper.get(k.keeper_id, {})),
-                    "last_seen_s": round(now - k.last_seen, 1),
-                }
-            )
+            alive = k.alive(now, self.registry.dead_after_s)
+            entry: dict[str, Any] = {
+                "id": k.keeper_id,
+                "addr": k.addr,
+                "zone": k.zone,
+                "state": ("draining" if k.draining else "alive") if alive else "dead",
+                "used_bytes": k.used_bytes,
+                "capacity_bytes": k.capacity_bytes,
+                "chunks": len(self.registry.chunks.by_keeper.get(k.keeper_id, {})),
+                "last_seen_s": round(now - k.last_seen, 1),
+            }
+            if k.draining:
+                left = health.drain_left.get(k.keeper_id, 0)
+                entry["drain_left"] = left
+                entry["removable"] = left == 0 and not health.degraded and alive
+            keepers.append(entry)
         return m.ClusterStatusReply(
             keepers=keepers,
             chunk_size_bytes=self.chunk_size,
             replication=self.replication,
             files=self.store.count_inodes(),
             chunks=self.store.count_chunks(),
+            health=health.as_dict(),
         )
+
+    async def fsck(self, msg: m.Fsck, peer: str) -> m.Message:
+        live = {k.keeper_id for k in self.registry.live() if not k.draining}
+        files = self.namespace.walk_files(msg.path)
+        problems: list[dict[str, Any]] = []
+        chunks = degraded = lost = 0
+        for path, inode in files:
+            goal = self._copies(inode)
+            for row in self.store.get_chunks(inode.ino, 0, 1 << 62):
+                chunks += 1
+                holders = self.registry.chunks.holders_of(row.chunk_id, row.version)
+                copies = sum(1 for h in holders if h in live)
+                readable = sum(1 for h in holders if self.registry.is_alive(h))
+                if copies >= goal:
+                    continue
+                if readable == 0:
+                    lost += 1
+                else:
+                    degraded += 1
+                problems.append(
+                    {
+                        "path": path.decode(errors="surrogateescape"),
+                        "index": row.idx,
+                        "chunk_id": row.chunk_id,
+                        "copies": copies,
+                        "goal": goal,
+                        "state": "lost" if readable == 0 else "degraded",
+                    }
+                )
+        return m.FsckReply(
+            files=len(files), chunks=chunks, degraded=degraded, lost=lost, problems=problems[:10000]
+        )
+
+    async def set_replication(self, msg: m.SetReplication, peer: str) -> m.Message:
+        changed = self.namespace.set_replication(msg.path, msg.copies)
+        log.info("replication of %s set to %d (%d inodes)", msg.path, msg.copies, changed)
+        return m.OkReply()
+
+    async def decommission(self, msg: m.Decommission, peer: str) -> m.Message:
+        keeper = self.registry.find(msg.keeper)
+        if keeper is None:
+            raise NotFound(f"no keeper {msg.keeper}")
+        with self.store.transaction():
+            self.store.set_draining(keeper.keeper_id, not msg.cancel)
+        keeper.draining = not msg.cancel
+        if msg.cancel:
+            self.registry.draining.discard(keeper.keeper_id)
+        else:
+            self.registry.draining.add(keeper.keeper_id)
+        log.info("keeper %s %s", keeper.addr, "back in service" if msg.cancel else "draining")
+        return m.OkReply()
 
     # --- keepers --------------------------------------------------------------------------
 
@@ -363,6 +437,10 @@ class Tracker:
         for chunk_id, version in ((c[0], c[1]) for c in msg.removed if len(c) == 2):
             self.registry.chunks.remove(keeper.keeper_id, chunk_id, version)
         self._classify(keeper, msg.added)
+        for chunk_id, _version in ((c[0], c[1]) for c in msg.added if len(c) == 2):
+            row = self.store.chunk_by_id(chunk_id)
+            self.healer.copy_arrived(keeper.keeper_id, chunk_id, row.length if row else 0)
         delete = sorted(keeper.to_delete)
         keeper.to_delete.clear()
-        return m.HeartbeatReply(delete=[[c, v] for c, v in delete])
+        replicate, keeper.to_replicate = keeper.to_replicate, []
+        return m.HeartbeatReply(delete=[[c, v] for c, v in delete], replicate=replicate)

@@ -73,6 +73,11 @@ CREATE TABLE IF NOT EXISTS allocations (
     PRIMARY KEY (chunk_id, version)
 ) WITHOUT ROWID;
 
+-- Keepers being drained by `dfs decommission`: no new chunks, their copies moved elsewhere.
+CREATE TABLE IF NOT EXISTS draining (
+    keeper_id TEXT PRIMARY KEY
+);
+
 -- Counters: next chunk id.
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
@@ -168,6 +173,11 @@ class MetadataStore(Protocol):
     def remove_allocation(self, chunk_id: int, version: int) -> bool: ...
     def is_allocated(self, chunk_id: int, version: int) -> bool: ...
     def count_inodes(self) -> int: ...
+    def chunk_goals(self) -> list[tuple[int, int, int, int]]: ...
+    def chunk_by_id(self, chunk_id: int) -> ChunkRow | None: ...
+    def expired_allocations(self, older_than_ns: int) -> list[tuple[int, int]]: ...
+    def draining(self) -> set[str]: ...
+    def set_draining(self, keeper_id: str, draining: bool) -> None: ...
     def count_chunks(self) -> int: ...
     def orphans(self) -> list[int]: ...
 
@@ -338,6 +348,15 @@ class SqliteStore:
         self.db.execute("DELETE FROM chunks WHERE ino=? AND idx>=?", (ino, first))
         return dropped
 
+    def chunk_by_id(self, chunk_id: int) -> ChunkRow | None:
+        row = self.db.execute(
+            "SELECT ino, idx, chunk_id, version, length, digest FROM chunks WHERE chunk_id=?",
+            (chunk_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return ChunkRow(row[0], row[1], row[2], row[3], row[4], _from_sql(row[5]))
+
     def committed_version(self, chunk_id: int) -> int | None:
         row = self.db.execute("SELECT version FROM chunks WHERE chunk_id=?", (chunk_id,)).fetchone()
         return int(row[0]) if row else None
@@ -378,6 +397,31 @@ class SqliteStore:
             "DELETE FROM allocations WHERE chunk_id=? AND version=?", (chunk_id, version)
         )
         return cur.rowcount > 0
+
+    def expired_allocations(self, older_than_ns: int) -> list[tuple[int, int]]:
+        rows = self.db.execute(
+            "SELECT chunk_id, version FROM allocations WHERE created_ns < ?", (older_than_ns,)
+        ).fetchall()
+        return [(int(c), int(v)) for c, v in rows]
+
+    # --- health ---------------------------------------------------------------------------
+
+    def chunk_goals(self) -> list[tuple[int, int, int, int]]:
+        """(chunk id, version, length, copies wanted; 0: the default) of every chunk."""
+        rows = self.db.execute(
+            "SELECT c.chunk_id, c.version, c.length, i.replication"
+            " FROM chunks c JOIN inodes i ON c.ino = i.ino"
+        ).fetchall()
+        return [(int(a), int(b), int(c), int(d)) for a, b, c, d in rows]
+
+    def draining(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT keeper_id FROM draining")}
+
+    def set_draining(self, keeper_id: str, draining: bool) -> None:
+        if draining:
+            self.db.execute("INSERT OR IGNORE INTO draining (keeper_id) VALUES (?)", (keeper_id,))
+        else:
+            self.db.execute("DELETE FROM draining WHERE keeper_id=?", (keeper_id,))
 
     def is_allocated(self, chunk_id: int, version: int) -> bool:
         return (

@@ -1,0 +1,231 @@
+"""Issue 4's promises on real processes: dead keepers are repaired around, returning keepers
+are trimmed, corruption is scrubbed away, garbage is collected, goals and drains converge."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import time
+from pathlib import Path
+
+from tests.cluster_procs import ProcCluster, chunk_files, wait_until
+from tests.conftest import MakeCluster, random_file
+
+MiB = 1 << 20
+CHUNK = 1 * MiB
+REPAIR_TIMEOUT_S = 90
+
+
+def fast_cluster(
+    make_cluster: MakeCluster, keepers: int, replication: int, **kw: object
+) -> ProcCluster:
+    kw.setdefault("keeper_args", ["--scrub-rate-mb-s", "0.5"])
+    return make_cluster(
+        keepers=keepers, replication=replication, chunk_size=CHUNK, dead_after_s=3.0, **kw
+    )
+
+
+def put_files(
+    cluster: ProcCluster, tmp: Path, count: int, max_size: int = 3 * MiB
+) -> dict[str, Path]:
+    files = {}
+    for i in range(count):
+        size = (i * 997_331) % max_size + 1
+        local = random_file(tmp / f"file{i}", size)
+        cluster.dfs("put", str(local), f"/file{i}")
+        files[f"/file{i}"] = local
+    return files
+
+
+def assert_identical(cluster: ProcCluster, files: dict[str, Path], tmp: Path) -> None:
+    out = tmp / "readback"
+    for remote, local in files.items():
+        cluster.dfs("get", remote, str(out))
+        assert filecmp.cmp(local, out, shallow=False), remote
+
+
+def holders_per_chunk(cluster: ProcCluster, files: dict[str, Path]) -> list[list[str]]:
+    return [c["keepers"] for remote in files for c in cluster.stat(remote)["chunks"]]
+
+
+def live_addrs(cluster: ProcCluster) -> set[str]:
+    return {k["addr"] for k in cluster.status()["keepers"] if k["state"] == "alive"}
+
+
+def test_killed_keeper_is_repaired_around(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    cluster = fast_cluster(make_cluster, keepers=4, replication=3)
+    files = put_files(cluster, tmp_path, 50)
+    assert cluster.healthy()
+    started = time.monotonic()
+    cluster.keepers[0].kill()
+    wait_until(lambda: cluster.fsck()[0] == 1, 30, "fsck to notice the dead keeper")
+    wait_until(cluster.healthy, REPAIR_TIMEOUT_S, "re-replication")
+    print(f"repair took {time.monotonic() - started:.1f}s")
+    alive = live_addrs(cluster)
+    for holders in holders_per_chunk(cluster, files):
+        assert len(set(holders) & alive) == 3
+    assert_identical(cluster, files, tmp_path)
+
+
+def test_two_successive_losses_lose_nothing(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    cluster = fast_cluster(make_cluster, keepers=5, replication=3)
+    files = put_files(cluster, tmp_path, 20)
+    for victim in cluster.keepers[:2]:
+        victim.kill()
+        wait_until(lambda: cluster.fsck()[0] == 1, 30, "fsck to notice the dead keeper")
+        wait_until(cluster.healthy, REPAIR_TIMEOUT_S, "re-replication")
+    assert_identical(cluster, files, tmp_path)
+
+
+def test_scrubber_replaces_corrupt_copies(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    cluster = fast_cluster(
+        make_cluster, keepers=4, replication=3, keeper_args=["--scrub-rate-mb-s", "50"]
+    )
+    files = put_files(cluster, tmp_path, 8, max_size=2 * MiB)
+    victim = cluster.keepers[0]
+    corrupted = chunk_files(victim.data_dir)[:5]
+    assert len(corrupted) == 5
+    for path in corrupted:
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0x55  # the last data byte (the middle may be header padding)
+        path.write_bytes(bytes(raw))
+    wait_until(
+        lambda: victim.logs().count("is corrupt; dropping this copy") >= 5, 60, "the scrubber"
+    )
+    assert victim.logs().count("is corrupt; dropping this copy") == 5
+    wait_until(cluster.healthy, REPAIR_TIMEOUT_S, "replacement copies")
+    assert_identical(cluster, files, tmp_path)
+    for holders in holders_per_chunk(cluster, files):
+        assert len(set(holders)) == 3
+
+
+def test_returning_keeper_is_trimmed(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    cluster = fast_cluster(make_cluster, keepers=4, replication=3)
+    files = put_files(cluster, tmp_path, 15)
+    victim = cluster.keepers[0]
+    before = len(chunk_files(victim.data_dir))
+    assert before > 0
+    victim.kill()
+    wait_until(lambda: cluster.fsck()[0] == 1, 30, "fsck to notice the dead keeper")
+    wait_until(cluster.healthy, REPAIR_TIMEOUT_S, "re-replication")
+    victim.restarts += 1
+    victim.start(cluster.env)
+    chunks = len(holders_per_chunk(cluster, files))
+
+    def trimmed() -> bool:
+        on_disk = sum(len(chunk_files(k.data_dir)) for k in cluster.keepers)
+        return on_disk == 3 * chunks and all(len(h) == 3 for h in holders_per_chunk(cluster, files))
+
+    wait_until(trimmed, REPAIR_TIMEOUT_S, "extra copies to be trimmed")
+    assert cluster.healthy()
+    assert_identical(cluster, files, tmp_path)
+
+
+def test_rm_frees_chunks_on_every_keeper(cluster: ProcCluster, tmp_path: Path) -> None:
+    used_before = sum(k["used_bytes"] for k in cluster.status()["keepers"])
+    files = put_files(cluster, tmp_path, 6, max_size=20 * MiB)
+    cluster.dfs("mkdir", "/tree/a")
+    cluster.dfs("put", str(files["/file1"]), "/tree/a/x")
+    assert all(chunk_files(k.data_dir) for k in cluster.keepers)
+    for remote in files:
+        cluster.dfs("rm", remote)
+    cluster.dfs("rm", "-r", "/tree")
+    wait_until(
+        lambda: all(not chunk_files(k.data_dir) for k in cluster.keepers), 30, "chunk deletion"
+    )
+    wait_until(
+        lambda: sum(k["used_bytes"] for k in cluster.status()["keepers"]) <= used_before,
+        30,
+        "freed space in dfs status",
+    )
+
+
+def test_setrep_converges_up_and_down(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    cluster = fast_cluster(make_cluster, keepers=3, replication=1)
+    files = put_files(cluster, tmp_path, 6)
+    assert all(len(h) == 1 for h in holders_per_chunk(cluster, files))
+    cluster.dfs("setrep", "3", "/")
+    wait_until(
+        lambda: all(len(h) == 3 for h in holders_per_chunk(cluster, files)),
+        REPAIR_TIMEOUT_S,
+        "3 copies",
+    )
+    assert cluster.healthy()
+    cluster.dfs("setrep", "2", "/file0")
+    cluster.dfs("setrep", "2", "/")
+    chunks = len(holders_per_chunk(cluster, files))
+    wait_until(
+        lambda: (
+            all(len(h) == 2 for h in holders_per_chunk(cluster, files))
+            and sum(len(chunk_files(k.data_dir)) for k in cluster.keepers) == 2 * chunks
+        ),
+        REPAIR_TIMEOUT_S,
+        "2 copies",
+    )
+    assert_identical(cluster, files, tmp_path)
+
+
+def test_decommission_drains_a_keeper(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    cluster = fast_cluster(make_cluster, keepers=4, replication=2)
+    files = put_files(cluster, tmp_path, 15)
+    victim = cluster.keepers[0]
+    assert chunk_files(victim.data_dir)
+    cluster.dfs("decommission", victim.addr)
+
+    def removable() -> bool:
+        entry = next(k for k in cluster.status()["keepers"] if k["addr"] == victim.addr)
+        return bool(entry.get("removable"))
+
+    wait_until(removable, REPAIR_TIMEOUT_S, "the drain to finish")
+    assert "may be removed" in cluster.dfs("status").stdout
+    others = {k.addr for k in cluster.keepers[1:]}
+    for holders in holders_per_chunk(cluster, files):
+        assert len(set(holders) & others) >= 2
+    victim.kill()
+    assert cluster.healthy()
+    assert_identical(cluster, files, tmp_path)
+
+
+def test_tracker_killed_during_repair_still_converges(
+    make_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    cluster = fast_cluster(
+        make_cluster,
+        keepers=4,
+        replication=3,
+        keeper_args=["--replicate-rate-mb-s", "4", "--scrub-rate-mb-s", "0.5"],
+    )
+    files = put_files(cluster, tmp_path, 20)
+    cluster.keepers[0].kill()
+    wait_until(lambda: cluster.status()["health"].get("copies_done", 0) > 0, 60, "repair to start")
+    assert cluster.fsck()[0] == 1, "repair should still be under way"
+    assert cluster.tracker is not None
+    cluster.restart(cluster.tracker)
+    wait_until(cluster.healthy, REPAIR_TIMEOUT_S, "repair after the tracker restart")
+    assert_identical(cluster, files, tmp_path)
+
+
+def test_zones_get_a_copy_each(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    cluster = fast_cluster(make_cluster, keepers=4, replication=3, zones=["a", "a", "b", "c"])
+    files = put_files(cluster, tmp_path, 10)
+    zone_of = {k["addr"]: k["zone"] for k in cluster.status()["keepers"]}
+    for holders in holders_per_chunk(cluster, files):
+        assert sorted(zone_of[h] for h in holders) == ["a", "b", "c"]
+
+
+def test_hung_keeper_does_not_stall_a_get(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    cluster = fast_cluster(make_cluster, keepers=3, replication=2)
+    data = random_file(tmp_path / "data", 24 * MiB)
+    cluster.dfs("put", str(data), "/data")
+    frozen = cluster.keepers[0]
+    frozen.signal(19)  # SIGSTOP: a hung keeper, connections open, nothing answers
+    try:
+        started = time.monotonic()
+        out = tmp_path / "out"
+        cluster.dfs("--io-timeout-s", "2", "get", "/data", str(out), timeout=120)
+        assert filecmp.cmp(data, out, shallow=False)
+        print(f"get with a hung keeper took {time.monotonic() - started:.1f}s")
+    finally:
+        frozen.signal(18)  # SIGCONT
+    wait_until(lambda: len(live_addrs(cluster)) == 3, 30, "the frozen keeper to rejoin")
+    assert os.path.exists(frozen.data_dir)
