@@ -3,10 +3,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEB_PACKAGES := fuse3 libfuse3-dev pkg-config rsync git tar
+DEB_PACKAGES := fuse3 libfuse3-dev pkg-config rsync git tar openssl
 STAMP := $(VENV)/.installed
 
-.PHONY: test run lint deps venv bench clean
+.PHONY: test run lint deps venv bench fuzz clean
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
@@ -36,6 +36,9 @@ test: $(STAMP) lint
 
 run: $(STAMP)
 	$(BIN)/python -m cluster.devcluster --state .dfs --mountpoint "$${MOUNTPOINT:-mnt}"
+
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/unit/test_fuzz.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

@@ -13,11 +13,13 @@ import stat as stat_mod
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import trio
 
-from cluster import config
+from cluster import auth, config
+from cluster.auth import Credentials
 from cluster.client import Attr, Client
 from cluster.errors import DfsError, IsADir, NotFound
 from cluster.logs import setup_logging
@@ -287,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("status", help="the keepers and their state")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("secret", help="write a new cluster secret: dfs secret new PATH")
+    p.add_argument("action", choices=["new"])
+    p.add_argument("path")
     p = sub.add_parser("fsck", help="check that every chunk has its copies (exit 0, 1 or 2)")
     p.add_argument("path", nargs="?", default="/")
     p.add_argument("--json", action="store_true")
@@ -302,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def _run(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     async with Client.connect(
         settings["tracker"],
+        Credentials.from_settings(settings),
         transfers=settings["transfers"],
         retry_window_s=settings["retry_window_s"],
         io_timeout_s=settings["io_timeout_s"],
@@ -313,8 +319,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args, settings = config.parse(parser, "cli", argv)
     setup_logging(settings["log_level"] if args.__dict__.get("log_level") else "ERROR", "dfs")
+    if args.command == "secret":
+        try:
+            auth.new_secret(Path(args.path))
+        except (auth.SecretError, OSError) as exc:
+            print(f"dfs secret: {exc}", file=sys.stderr)
+            sys.exit(1)
+        print(f"wrote a new cluster secret to {args.path} (mode 0600)")
+        sys.exit(0)
     try:
         code = trio.run(_run, args, settings)
+    except auth.SecretError as exc:
+        print(f"dfs {args.command}: {exc}", file=sys.stderr)
+        code = 2
     except DfsError as exc:
         print(f"dfs {args.command}: {exc.message}", file=sys.stderr)
         code = 1

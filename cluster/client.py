@@ -27,6 +27,7 @@ import trio
 
 from cluster import checksum
 from cluster import messages as m
+from cluster.auth import Credentials
 from cluster.errors import (
     ChecksumMismatch,
     DfsError,
@@ -35,6 +36,7 @@ from cluster.errors import (
     NotADir,
     NotFound,
     Unavailable,
+    collapse,
 )
 from cluster.rpc import ConnectionPool
 
@@ -132,11 +134,12 @@ class FsStats:
 
 
 class Client:
-    """Connect with `async with Client.connect(tracker) as client:`."""
+    """Connect with `async with Client.connect(tracker, credentials) as client:`."""
 
     def __init__(
         self,
         tracker: str,
+        credentials: Credentials,
         *,
         transfers: int = 8,
         retry_window_s: float = 30.0,
@@ -147,15 +150,17 @@ class Client:
         self.retry_window_s = retry_window_s
         self.io_timeout_s = io_timeout_s
         self.session = uuid.uuid4().hex
-        self.pool = ConnectionPool(role)
+        self.pool = ConnectionPool(role, credentials)
         self.transfers = trio.CapacityLimiter(max(1, transfers))
         # Keepers that recently failed us: tried last until they answer again.
         self._suspect: dict[str, float] = {}
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, tracker: str, **options: object) -> AsyncIterator[Client]:
-        client = cls(tracker, **options)  # type: ignore[arg-type]
+    async def connect(
+        cls, tracker: str, credentials: Credentials, **options: Any
+    ) -> AsyncIterator[Client]:
+        client = cls(tracker, credentials, **options)
         try:
             yield client
         finally:
@@ -540,7 +545,7 @@ class Client:
         size = 0
         with open(local, "rb") as source:
             gate = trio.Semaphore(int(self.transfers.total_tokens))
-            async with trio.open_nursery() as nursery:
+            async with _nursery() as nursery:
                 index = 0
                 while True:
                     data = await trio.to_thread.run_sync(source.read, chunk_size)
@@ -596,7 +601,7 @@ class Client:
                 else 0
             )
             gate = trio.Semaphore(int(self.transfers.total_tokens))
-            async with trio.open_nursery() as nursery:
+            async with _nursery() as nursery:
                 for index in range(count):
                     await _start_bounded(nursery, gate, fetch, index)
             os.fsync(fd)
@@ -607,6 +612,19 @@ class Client:
         os.close(fd)
         os.replace(tmp, local)
         return chunks.size
+
+
+@asynccontextmanager
+async def _nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery whose failures surface as one DfsError when that is all they are."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        error = collapse(group)
+        if error is group:
+            raise
+        raise error from None
 
 
 async def _start_bounded(

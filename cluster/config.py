@@ -71,12 +71,16 @@ def _int(value: Any) -> int:
 
 
 ALL = ("cluster", "tracker", "keeper", "mount", "cli")
+SERVERS = ("tracker", "keeper")
 
 KEYS: dict[str, Key] = {
     k.name: k
     for k in (
         Key("tracker", _addr, "127.0.0.1:9420", "the tracker's HOST:PORT", ALL),
         Key("secret_file", _str, "", "the cluster secret file (mode 0600)", ALL),
+        Key("tls_ca", _str, "", "CA certificate that signs the servers' certificates", ALL),
+        Key("tls_cert", _str, "", "this server's TLS certificate", ("cluster", *SERVERS)),
+        Key("tls_key", _str, "", "this server's TLS private key", ("cluster", *SERVERS)),
         Key("log_level", _str, "INFO", "DEBUG, INFO, WARNING or ERROR", ALL),
         Key(
             "listen",

@@ -136,6 +136,28 @@ class ProtocolError(Exception):
     """The peer broke the framing or the handshake: close the connection, answer nothing."""
 
 
+def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error to raise for a nursery's exception group.
+
+    Code that hides a nursery raises a plain error, as trio advises: when every failure in
+    the group is a DfsError, the first one stands for all; anything else (a bug, a
+    cancellation) keeps the whole group so nothing is lost.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    if leaves and all(isinstance(e, DfsError) for e in leaves):
+        return leaves[0]
+    return group
+
+
 ERRORS_BY_CODE: dict[int, type[DfsError]] = {
     cls.code: cls
     for cls in (

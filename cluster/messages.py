@@ -34,6 +34,8 @@ class MsgType(IntEnum):
     PING = 4
     PONG = 5
     OK_REPLY = 6
+    AUTHENTICATE = 7
+    AUTHENTICATE_REPLY = 8
     # client -> tracker: namespace
     LOOKUP = 20
     GET_ATTR = 21
@@ -159,23 +161,42 @@ def decode(body: dict[str, Any]) -> tuple[int, Message]:
 @message
 @dataclass(frozen=True, slots=True)
 class Hello(Message):
-    """First message on every connection: protocol version and the caller's role.
-
-    The reply comes before anything else is processed; authentication will extend this
-    exchange, so nothing but Hello is accepted until it is done.
-    """
+    """First message on every connection: protocol version, the caller's role and a fresh
+    nonce. Nothing but the handshake (see auth.py) is processed until it succeeds."""
 
     TYPE = MsgType.HELLO
     version: int
     role: str
+    nonce: bytes
 
 
 @message
 @dataclass(frozen=True, slots=True)
 class HelloReply(Message):
+    """The server's nonce."""
+
     TYPE = MsgType.HELLO_REPLY
     version: int
     role: str
+    nonce: bytes
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Authenticate(Message):
+    """The client's proof that it knows the cluster secret."""
+
+    TYPE = MsgType.AUTHENTICATE
+    proof: bytes
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class AuthenticateReply(Message):
+    """The server's proof, sent only to a client that proved itself."""
+
+    TYPE = MsgType.AUTHENTICATE_REPLY
+    proof: bytes
 
 
 @message

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import itertools
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import trio
 
+from cluster import auth
 from cluster import messages as m
-from cluster.errors import ProtocolError, Unavailable, error_from_wire
+from cluster.auth import Credentials
+from cluster.errors import AuthFailed, ProtocolError, Unavailable, error_from_wire
 from cluster.protocol import Buffer, FrameStream
 
 log = logging.getLogger(__name__)
@@ -50,27 +53,42 @@ class Connection:
         self._lock = trio.Lock()
 
     @classmethod
-    async def open(cls, addr: str, role: str) -> Connection:
-        host, port = split_addr(addr)
+    async def open(cls, addr: str, role: str, credentials: Credentials) -> Connection:
+        """Connect, wrap in TLS when configured, and run the mutual handshake."""
+        try:
+            host, port = split_addr(addr)
+        except ValueError as exc:
+            raise Unavailable(str(exc)) from None
         try:
             with trio.fail_after(CONNECT_TIMEOUT_S):
-                stream = await trio.open_tcp_stream(host, port)
+                stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
         except (OSError, trio.TooSlowError) as exc:
             raise Unavailable(f"cannot connect to {addr}: {exc or 'timeout'}") from None
+        if credentials.tls_client is not None:
+            stream = trio.SSLStream(stream, credentials.tls_client, server_hostname=host)
         conn = cls(FrameStream(stream), addr)
         try:
             with trio.fail_after(CONNECT_TIMEOUT_S):
-                reply, _ = await conn.call(m.Hello(version=m.PROTOCOL_VERSION, role=role))
+                await conn._handshake(role, credentials)
         except trio.TooSlowError:
             await conn.aclose()
-            raise Unavailable(f"{addr}: no answer to hello") from None
+            raise Unavailable(f"{addr}: no answer to the handshake") from None
         except BaseException:
             await conn.aclose()
             raise
-        if not isinstance(reply, m.HelloReply) or reply.version != m.PROTOCOL_VERSION:
-            await conn.aclose()
-            raise Unavailable(f"{addr}: incompatible peer")
         return conn
+
+    async def _handshake(self, role: str, credentials: Credentials) -> None:
+        client_nonce = auth.nonce()
+        hello = m.Hello(version=m.PROTOCOL_VERSION, role=role, nonce=client_nonce)
+        reply, _ = await self.call(hello)
+        if not isinstance(reply, m.HelloReply) or reply.version != m.PROTOCOL_VERSION:
+            raise Unavailable(f"{self.addr}: incompatible peer")
+        proof = auth.proof(credentials.secret, b"client", client_nonce, reply.nonce)
+        answer, _ = await self.call(m.Authenticate(proof=proof))
+        expected = auth.proof(credentials.secret, b"server", client_nonce, reply.nonce)
+        if not isinstance(answer, m.AuthenticateReply) or not auth.check(expected, answer.proof):
+            raise AuthFailed(f"{self.addr} could not prove it knows the cluster secret")
 
     async def call(self, request: m.Message, payload: Buffer = b"") -> tuple[m.Message, bytearray]:
         """Send one request and wait for its reply; raise the peer's DfsError if it failed."""
@@ -86,7 +104,8 @@ class Connection:
                 self.broken = True
                 if isinstance(exc, EOFError):
                     raise Unavailable(f"{self.addr}: connection closed by the peer") from None
-                if isinstance(exc, ProtocolError | OSError | trio.BrokenResourceError):
+                broken = ProtocolError | OSError | trio.BrokenResourceError | ssl.SSLError
+                if isinstance(exc, broken):
                     raise Unavailable(f"{self.addr}: {exc}") from None
                 raise
             finally:
@@ -106,8 +125,9 @@ class Connection:
 class ConnectionPool:
     """Idle connections by address. Callers borrow one per request (or per chunk transfer)."""
 
-    def __init__(self, role: str) -> None:
+    def __init__(self, role: str, credentials: Credentials) -> None:
         self.role = role
+        self.credentials = credentials
         self._idle: dict[str, list[Connection]] = {}
         self._closed = False
 
@@ -140,7 +160,7 @@ class ConnectionPool:
             if not conn.broken and now - conn.last_used < POOL_IDLE_S:
                 return conn
             await conn.aclose()
-        return await Connection.open(addr, self.role)
+        return await Connection.open(addr, self.role, self.credentials)
 
     def _give_back(self, conn: Connection) -> None:
         if conn.broken or self._closed:

@@ -2,7 +2,9 @@
 
 `serve()` runs the accept loop in its own nursery and reports the bound port through
 `task_status`, so tests bind port 0. Each connection runs `_serve_connection`, which:
-- accepts only `Hello` first (the place where authentication goes), under a handshake timeout;
+- wraps the stream in TLS when configured, then runs the mutual challenge-response of
+  `auth.py` under a handshake timeout; nothing else is processed before it succeeds, and a
+  failure is logged with the peer's address;
 - reads each next frame under the idle timeout, so a silent or trickling peer is dropped;
 - answers `Ping` itself and passes every other request to the handler;
 - turns a `DfsError` into an `ErrorReply` for that request only;
@@ -19,8 +21,10 @@ from typing import Protocol
 
 import trio
 
+from cluster import auth
 from cluster import messages as m
-from cluster.errors import DfsError, ProtocolError
+from cluster.auth import Credentials
+from cluster.errors import AuthFailed, DfsError, ProtocolError
 from cluster.protocol import Buffer, FrameStream, Limits
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,7 @@ class Handler(Protocol):
 @dataclass(frozen=True, slots=True)
 class ServeOptions:
     role: str
+    credentials: Credentials
     idle_timeout_s: float = 60.0
     handshake_timeout_s: float = 10.0
     max_connections: int = 1024
@@ -81,20 +86,40 @@ async def serve(
     await trio.serve_listeners(guarded, listeners)
 
 
+async def _handshake(frames: FrameStream, options: ServeOptions, peer: str) -> None:
+    """TLS (when configured), Hello and the mutual proof of the cluster secret."""
+    credentials = options.credentials
+    header, _ = await frames.receive()
+    request_id, hello = m.decode(header)
+    if not isinstance(hello, m.Hello):
+        raise ProtocolError(f"expected Hello, got {hello.__class__.__name__}")
+    if hello.version != m.PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {hello.version} is not supported")
+    if len(hello.nonce) != auth.NONCE_BYTES:
+        raise ProtocolError("bad nonce")
+    server_nonce = auth.nonce()
+    reply = m.HelloReply(version=m.PROTOCOL_VERSION, role=options.role, nonce=server_nonce)
+    await frames.send(reply.to_wire(request_id))
+    header, _ = await frames.receive()
+    request_id, answer = m.decode(header)
+    expected = auth.proof(credentials.secret, b"client", hello.nonce, server_nonce)
+    if not isinstance(answer, m.Authenticate) or not auth.check(expected, answer.proof):
+        failed = m.ErrorReply(code=AuthFailed.code, message="authentication failed")
+        await frames.send(failed.to_wire(request_id))
+        raise AuthFailed(f"{hello.role} at {peer} failed to prove the cluster secret")
+    proof = auth.proof(credentials.secret, b"server", hello.nonce, server_nonce)
+    await frames.send(m.AuthenticateReply(proof=proof).to_wire(request_id))
+
+
 async def _serve_connection(
     handler: Handler, stream: trio.abc.Stream, peer: str, options: ServeOptions
 ) -> None:
-    frames = FrameStream(stream, options.limits)
     try:
+        if options.credentials.tls_server is not None:
+            stream = trio.SSLStream(stream, options.credentials.tls_server, server_side=True)
+        frames = FrameStream(stream, options.limits)
         with trio.move_on_after(options.handshake_timeout_s) as handshake:
-            header, _ = await frames.receive()
-            request_id, hello = m.decode(header)
-            if not isinstance(hello, m.Hello):
-                raise ProtocolError(f"expected Hello, got {hello.__class__.__name__}")
-            if hello.version != m.PROTOCOL_VERSION:
-                raise ProtocolError(f"protocol version {hello.version} is not supported")
-            reply = m.HelloReply(version=m.PROTOCOL_VERSION, role=options.role)
-            await frames.send(reply.to_wire(request_id))
+            await _handshake(frames, options, peer)
         if handshake.cancelled_caught:
             raise ProtocolError("no handshake in time")
         while True:
@@ -119,6 +144,8 @@ async def _serve_connection(
             await frames.send(answer.to_wire(request_id), out_payload)
     except EOFError:
         log.debug("%s closed the connection", peer)
+    except AuthFailed as exc:
+        log.warning("closing connection from %s: %s", peer, exc.message)
     except ProtocolError as exc:
         log.warning("closing connection from %s: %s", peer, exc)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -126,4 +153,5 @@ async def _serve_connection(
     except Exception:
         log.exception("closing connection from %s after an unexpected error", peer)
     finally:
-        await frames.aclose()
+        with trio.move_on_after(1, shield=True):
+            await stream.aclose()

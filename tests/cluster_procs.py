@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster import auth
+
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 20.0
 
@@ -106,8 +108,13 @@ class ProcCluster:
     dead_after_s: float
     tracker_args: list[str] = field(default_factory=list)
     keeper_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
     tracker: Daemon | None = None
     keepers: list[Daemon] = field(default_factory=list)
+
+    @property
+    def secret_file(self) -> Path:
+        return self.root / "secret"
 
     @property
     def tracker_addr(self) -> str:
@@ -120,11 +127,15 @@ class ProcCluster:
         for key in list(env):
             if key.startswith("DFS_"):
                 del env[key]
+        env["DFS_SECRET_FILE"] = str(self.secret_file)
+        env.update(self.extra_env)
         if self.tracker is not None and self.tracker.addr:
             env["DFS_TRACKER"] = self.tracker.addr
         return env
 
     def start_tracker(self) -> Daemon:
+        if not self.secret_file.exists():
+            auth.new_secret(self.secret_file)
         data = self.root / "tracker"
         self.tracker = Daemon(
             "tracker",

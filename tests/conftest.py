@@ -7,8 +7,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.cluster_procs import ProcCluster
+
+# Fuzzing: a bounded run in CI; `make fuzz` selects the long profile.
+settings.register_profile("ci", max_examples=150, deadline=None)
+settings.register_profile("fuzz", max_examples=20000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 MakeCluster = Callable[..., ProcCluster]
 
@@ -31,6 +37,7 @@ def make_cluster(tmp_path: Path) -> Iterator[MakeCluster]:
         zones: list[str] | None = None,
         tracker_args: list[str] | None = None,
         keeper_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> ProcCluster:
         root = tmp_path / f"cluster{len(made)}"
         root.mkdir()
@@ -42,6 +49,7 @@ def make_cluster(tmp_path: Path) -> Iterator[MakeCluster]:
             dead_after_s,
             tracker_args=list(tracker_args or []),
             keeper_args=list(keeper_args or []),
+            extra_env=dict(env or {}),
         )
         made.append(cluster)
         cluster.start_tracker()

@@ -39,7 +39,7 @@ class Heartbeat:
         self.keeper_id = keeper_id
         self.zone = zone
         self.heartbeat_s = heartbeat_s
-        self.pool = ConnectionPool("keeper")
+        self.pool = ConnectionPool("keeper", server.credentials)
         self.registered = trio.Event()
 
     async def run(self) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from cluster import config
+from cluster.auth import Credentials, SecretError
 from cluster.keeper.chunkstore import ChunkStore
 from cluster.keeper.heartbeat import Heartbeat
 from cluster.keeper.replicator import Replicator
@@ -38,15 +39,17 @@ def keeper_id(data_dir: Path) -> str:
     return value
 
 
-async def _run(settings: dict[str, Any]) -> None:
+async def _run(settings: dict[str, Any], credentials: Credentials) -> None:
     data_dir = Path(settings["data"])
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = ChunkStore(data_dir, settings["capacity"])
     await trio.to_thread.run_sync(store.scan)
     host, port = split_addr(settings["listen"])
-    server = KeeperServer(store)
+    server = KeeperServer(store, credentials)
     async with trio.open_nursery() as nursery:
-        bound = await nursery.start(serve, server, host, port, ServeOptions(role="keeper"))
+        bound = await nursery.start(
+            serve, server, host, port, ServeOptions(role="keeper", credentials=credentials)
+        )
         server.addr = f"{host}:{bound}"
         replicator = Replicator(server, settings["replicate_rate_mb_s"])
         heartbeat = Heartbeat(
@@ -77,7 +80,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not settings["data"]:
         parser.exit(2, "dfs-keeper: --data DIR is required\n")
     try:
-        trio.run(_run, settings)
+        credentials = Credentials.from_settings(settings, server=True)
+    except (SecretError, OSError) as exc:
+        parser.exit(2, f"dfs-keeper: {exc}\n")
+    try:
+        trio.run(_run, settings, credentials)
     except OSError as exc:
         parser.exit(1, f"dfs-keeper: {exc}\n")
 

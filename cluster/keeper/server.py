@@ -13,6 +13,7 @@ import logging
 import trio
 
 from cluster import messages as m
+from cluster.auth import Credentials
 from cluster.errors import DfsError, InvalidArgument
 from cluster.keeper.chunkstore import ChunkStore, check_ids
 from cluster.protocol import Buffer
@@ -24,10 +25,11 @@ FORWARD_TIMEOUT_S = 30.0
 
 
 class KeeperServer:
-    def __init__(self, store: ChunkStore, addr: str = "") -> None:
+    def __init__(self, store: ChunkStore, credentials: Credentials, addr: str = "") -> None:
         self.store = store
+        self.credentials = credentials
         self.addr = addr  # set once the listening port is known
-        self.peers = ConnectionPool("keeper")
+        self.peers = ConnectionPool("keeper", credentials)
         # Chunks stored or deleted since the last heartbeat (the heartbeat task drains these).
         self.added: list[list[int]] = []
         self.removed: list[list[int]] = []
@@ -70,10 +72,16 @@ class KeeperServer:
                 self.peers.drop(msg.forward[0])
                 downstream.append(m.PutChunkReply(stored=[], failed=list(msg.forward)))
 
+        local_error: DfsError | None = None
         async with trio.open_nursery() as nursery:
             if msg.forward:
                 nursery.start_soon(forward)
-            await self.store.write(msg.chunk_id, msg.version, data, msg.checksums)
+            try:
+                await self.store.write(msg.chunk_id, msg.version, data, msg.checksums)
+            except DfsError as exc:
+                local_error = exc  # raised outside the nursery, as itself, not in a group
+        if local_error is not None:
+            raise local_error
         self.added.append([msg.chunk_id, msg.version])
         stored, failed = [self.addr], []
         for reply in downstream:

@@ -13,6 +13,7 @@ from typing import Any
 import trio
 
 from cluster import config
+from cluster.auth import Credentials, SecretError
 from cluster.logs import setup_logging
 from cluster.rpc import split_addr
 from cluster.tracker.server import Tracker
@@ -20,7 +21,7 @@ from cluster.tracker.server import Tracker
 log = logging.getLogger("cluster.tracker")
 
 
-async def _run(settings: dict[str, Any]) -> None:
+async def _run(settings: dict[str, Any], credentials: Credentials) -> None:
     host, port = split_addr(str(settings["listen"]))
     tracker = Tracker(
         Path(str(settings["data"])),
@@ -29,6 +30,7 @@ async def _run(settings: dict[str, Any]) -> None:
         heartbeat_s=float(settings["heartbeat_s"]),
         dead_after_s=float(settings["dead_after_s"]),
         gc_grace_s=float(settings["gc_grace_s"]),
+        credentials=credentials,
     )
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(tracker.run, host, port)
@@ -50,7 +52,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not settings["data"]:
         parser.exit(2, "dfs-tracker: --data DIR is required\n")
     try:
-        trio.run(_run, settings)
+        credentials = Credentials.from_settings(settings, server=True)
+    except (SecretError, OSError) as exc:
+        parser.exit(2, f"dfs-tracker: {exc}\n")
+    try:
+        trio.run(_run, settings, credentials)
     except ValueError as exc:
         parser.exit(2, f"dfs-tracker: {exc}\n")
     except OSError as exc:

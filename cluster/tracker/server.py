@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from cluster import messages as m
+from cluster.auth import Credentials
 from cluster.errors import InvalidArgument, NoSpace, NotFound, StaleChunk, Unavailable
 from cluster.protocol import Buffer
 from cluster.serve import ServeOptions, serve
@@ -41,7 +42,9 @@ class Tracker:
         heartbeat_s: float = 2.0,
         dead_after_s: float = 30.0,
         gc_grace_s: float = 3600.0,
+        credentials: Credentials,
     ) -> None:
+        self.credentials = credentials
         if not 0 < chunk_size <= MAX_CHUNK_SIZE or chunk_size % 65536:
             raise ValueError("chunk_size must be a multiple of 64 KiB, at most 64 MiB")
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -97,7 +100,13 @@ class Tracker:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.healer.run, name="healer")
-                bound = await nursery.start(serve, self, host, port, ServeOptions(role="tracker"))
+                bound = await nursery.start(
+                    serve,
+                    self,
+                    host,
+                    port,
+                    ServeOptions(role="tracker", credentials=self.credentials),
+                )
                 task_status.started(bound)
         finally:
             self.store.close()
@@ -108,7 +117,11 @@ class Tracker:
         handler = self._handlers.get(type(msg))
         if handler is None:
             raise InvalidArgument(f"the tracker does not serve {type(msg).__name__}")
-        return await handler(msg, peer), b""
+        try:
+            return await handler(msg, peer), b""
+        except OverflowError:
+            # SQLite stores signed 64-bit integers; a larger id cannot name anything.
+            raise InvalidArgument("a number in the request is out of range") from None
 
     def _removed(self, removal: Removal) -> None:
         for row in removal.chunks:
@@ -412,7 +425,13 @@ class Tracker:
             else:
                 keeper.to_delete.add((chunk_id, version))
 
+    @staticmethod
+    def _check_space(capacity: int, used: int) -> None:
+        if not (0 <= capacity < 1 << 60 and 0 <= used < 1 << 60):
+            raise InvalidArgument("capacity or used bytes out of range")
+
     async def register_keeper(self, msg: m.RegisterKeeper, peer: str) -> m.Message:
+        self._check_space(msg.capacity_bytes, msg.used_bytes)
         keeper = self.registry.register(
             msg.keeper_id, msg.addr, msg.zone, msg.capacity_bytes, msg.used_bytes
         )
@@ -427,6 +446,7 @@ class Tracker:
         return m.RegisterReply(heartbeat_s=self.heartbeat_s)
 
     async def heartbeat(self, msg: m.Heartbeat, peer: str) -> m.Message:
+        self._check_space(msg.capacity_bytes, msg.used_bytes)
         keeper = self.registry.keepers.get(msg.keeper_id)
         if keeper is None:
             return m.HeartbeatReply(delete=[], reregister=True)

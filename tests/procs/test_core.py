@@ -135,7 +135,7 @@ def _frame(body: dict[str, object]) -> bytes:
 
 def test_bad_input_closes_only_that_connection(make_cluster: MakeCluster, tmp_path: Path) -> None:
     cluster = make_cluster(keepers=2, replication=2)
-    hello = _frame({"t": 1, "id": 1, "version": 1, "role": "client"})
+    hello = _frame({"t": 1, "id": 1, "version": 1, "role": "client", "nonce": bytes(32)})
     attacks = {
         "garbage": b"\x13\x37" * 5000,
         "huge length": struct.pack(">II", 0xFFFFFFF0, 0xFFFFFFF0),
@@ -173,7 +173,7 @@ def test_cli_errors_are_one_line(cluster: ProcCluster, tmp_path: Path) -> None:
     assert "Traceback" not in missing.stderr
     unreachable = subprocess.run(
         [str(BIN / "dfs"), "--tracker", "127.0.0.1:1", "--retry-window-s", "1", "ls", "/"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env=cluster.env,
     )  # fmt: skip
     assert unreachable.returncode == 1
     assert "unreachable" in unreachable.stderr

@@ -33,7 +33,7 @@ async def test_round_trip_with_payload() -> None:
 
 async def test_every_message_round_trips_its_defaults() -> None:
     sender, receiver = await _pair()
-    samples = [m.Ping(), m.OkReply(), m.StatFs(), m.Hello(version=1, role="x")]
+    samples = [m.Ping(), m.OkReply(), m.StatFs(), m.Hello(version=1, role="x", nonce=b"n" * 32)]
     for sample in samples:
         await sender.send(sample.to_wire(1))
         header, _ = await receiver.receive()
