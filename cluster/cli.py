@@ -63,6 +63,36 @@ def _attr_json(attr: Attr) -> dict[str, Any]:
     }
 
 
+class Progress:
+    """A one-line progress bar on stderr, only when stderr is a terminal."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label = label
+        self.total = total
+        self.done = 0
+        self.started = time.monotonic()
+        self.shown = 0.0
+        self.enabled = sys.stderr.isatty()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self.shown > 0.2 or self.done >= self.total):
+            self.shown = now
+            fraction = self.done / self.total if self.total else 1.0
+            rate = self.done / max(now - self.started, 1e-6) / 1e6
+            bar = "#" * int(fraction * 30)
+            sys.stderr.write(
+                f"\r{self.label} [{bar:<30}] {fraction:4.0%} {_size(self.done)} of"
+                f" {_size(self.total)} {rate:6.1f} MB/s"
+            )
+            sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
 async def cmd_put(client: Client, args: argparse.Namespace) -> int:
     remote = args.remote
     try:
@@ -73,7 +103,9 @@ async def cmd_put(client: Client, args: argparse.Namespace) -> int:
         pass
     if os.path.isdir(args.local):
         raise IsADir(f"{args.local} is a directory")
-    await client.upload(args.local, remote)
+    progress = Progress(os.path.basename(args.local), os.path.getsize(args.local))
+    await client.upload(args.local, remote, progress)
+    progress.finish()
     return 0
 
 
@@ -81,7 +113,9 @@ async def cmd_get(client: Client, args: argparse.Namespace) -> int:
     local = args.local
     if os.path.isdir(local):
         local = os.path.join(local, os.path.basename(args.remote.rstrip("/")))
-    await client.download(args.remote, local)
+    progress = Progress(os.path.basename(args.remote), (await client.resolve(args.remote)).size)
+    await client.download(args.remote, local, progress)
+    progress.finish()
     return 0
 
 
@@ -164,18 +198,7 @@ async def cmd_stat(client: Client, args: argparse.Namespace) -> int:
 async def cmd_status(client: Client, args: argparse.Namespace) -> int:
     status = await client.cluster_status()
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "health": status.health,
-                    "keepers": status.keepers,
-                    "chunk_size": status.chunk_size_bytes,
-                    "replication": status.replication,
-                    "files": status.files,
-                    "chunks": status.chunks,
-                }
-            )
-        )
+        print(json.dumps(status.document()))
         return 0
     print(
         f"replication {status.replication}, chunk size {_size(status.chunk_size_bytes)},"

@@ -76,6 +76,7 @@ class MsgType(IntEnum):
     HEARTBEAT = 81
     REGISTER_REPLY = 82
     HEARTBEAT_REPLY = 83
+    GOODBYE = 84
     # client/keeper -> keeper
     PUT_CHUNK = 100
     PUT_CHUNK_REPLY = 101
@@ -523,6 +524,17 @@ class ClusterStatusReply(Message):
     chunks: int
     health: dict[str, Any] = field(default_factory=dict)
 
+    def document(self) -> dict[str, Any]:
+        """The JSON form shared by `dfs status --json` and the status page's /api/status."""
+        return {
+            "health": self.health,
+            "keepers": self.keepers,
+            "chunk_size": self.chunk_size_bytes,
+            "replication": self.replication,
+            "files": self.files,
+            "chunks": self.chunks,
+        }
+
 
 @message
 @dataclass(frozen=True, slots=True)
@@ -617,6 +629,16 @@ class HeartbeatReply(Message):
     delete: list[HeldChunk]
     reregister: bool = False
     replicate: list[list[Any]] = field(default_factory=list)
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Goodbye(Message):
+    """A keeper is stopping on purpose (SIGTERM): place nothing new on it. It is not dead,
+    so nothing is re-replicated unless it stays away past dead_after_s."""
+
+    TYPE = MsgType.GOODBYE
+    keeper_id: str
 
 
 # --- client/keeper -> keeper -------------------------------------------------------------------

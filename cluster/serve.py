@@ -16,12 +16,14 @@ only: the server keeps serving everyone else.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import trio
 
-from cluster import auth
+from cluster import auth, metrics
 from cluster import messages as m
 from cluster.auth import Credentials
 from cluster.errors import AuthFailed, DfsError, ProtocolError
@@ -57,6 +59,68 @@ def _peer_name(stream: trio.abc.Stream) -> str:
     return f"{host}:{port}"
 
 
+class Server:
+    """One listening server. `run` serves until cancelled or until `shutdown()`, which stops
+    accepting, lets requests in flight finish (up to `grace_s`) and closes idle links."""
+
+    def __init__(self, handler: Handler, options: ServeOptions, grace_s: float = 10.0) -> None:
+        self.handler = handler
+        self.options = options
+        self.grace_s = grace_s
+        self.stopping = trio.Event()
+        self.finished = trio.Event()
+        self.slots = trio.CapacityLimiter(options.max_connections)
+        # Scopes of connections waiting for their next request: shutdown cancels these only.
+        self.idle_scopes: set[trio.CancelScope] = set()
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        for scope in self.idle_scopes:
+            scope.cancel()
+
+    async def run(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve; `task_status.started(port)` once accepting (bind port 0 for any)."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+        log.info("%s listening on %s:%d", self.options.role, host, bound)
+        try:
+            await self._serve(listeners, bound, task_status)
+        finally:
+            self.finished.set()
+
+    async def _serve(
+        self, listeners: list[trio.SocketListener], bound: int, task_status: trio.TaskStatus[int]
+    ) -> None:
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(
+                    partial(
+                        trio.serve_listeners, self._guarded, listeners, handler_nursery=connections
+                    )
+                )
+                task_status.started(bound)
+                await self.stopping.wait()
+                accepting.cancel_scope.cancel()
+            log.info("%s: no longer accepting; finishing requests in flight", self.options.role)
+            connections.cancel_scope.deadline = trio.current_time() + self.grace_s
+
+    async def _guarded(self, stream: trio.SocketStream) -> None:
+        peer = _peer_name(stream)
+        if self.slots.available_tokens == 0:
+            log.warning(
+                "%s: refusing %s, %d connections open",
+                self.options.role,
+                peer,
+                self.slots.total_tokens,
+            )
+            await stream.aclose()
+            return
+        async with self.slots:
+            await _serve_connection(self, stream, peer)
+
+
 async def serve(
     handler: Handler,
     host: str,
@@ -65,25 +129,8 @@ async def serve(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled; `task_status.started(port)` once accepting."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()[1]
-    slots = trio.CapacityLimiter(options.max_connections)
-    log.info("%s listening on %s:%d", options.role, host, bound)
-
-    async def guarded(stream: trio.SocketStream) -> None:
-        peer = _peer_name(stream)
-        if slots.available_tokens == 0:
-            log.warning(
-                "%s: refusing %s, %d connections open", options.role, peer, slots.total_tokens
-            )
-            await stream.aclose()
-            return
-        async with slots:
-            await _serve_connection(handler, stream, peer, options)
-
-    task_status.started(bound)
-    await trio.serve_listeners(guarded, listeners)
+    """Serve until cancelled (a `Server` without graceful shutdown)."""
+    await Server(handler, options).run(host, port, task_status=task_status)
 
 
 async def _handshake(frames: FrameStream, options: ServeOptions, peer: str) -> None:
@@ -111,9 +158,9 @@ async def _handshake(frames: FrameStream, options: ServeOptions, peer: str) -> N
     await frames.send(m.AuthenticateReply(proof=proof).to_wire(request_id))
 
 
-async def _serve_connection(
-    handler: Handler, stream: trio.abc.Stream, peer: str, options: ServeOptions
-) -> None:
+async def _serve_connection(server: Server, stream: trio.abc.Stream, peer: str) -> None:
+    options = server.options
+    role = options.role
     try:
         if options.credentials.tls_server is not None:
             stream = trio.SSLStream(stream, options.credentials.tls_server, server_side=True)
@@ -122,32 +169,46 @@ async def _serve_connection(
             await _handshake(frames, options, peer)
         if handshake.cancelled_caught:
             raise ProtocolError("no handshake in time")
-        while True:
-            with trio.move_on_after(options.idle_timeout_s) as idle:
-                header, payload = await frames.receive()
+        while not server.stopping.is_set():
+            with trio.CancelScope() as idle:
+                server.idle_scopes.add(idle)
+                idle.deadline = trio.current_time() + options.idle_timeout_s
+                try:
+                    header, payload = await frames.receive()
+                finally:
+                    server.idle_scopes.discard(idle)
             if idle.cancelled_caught:
                 log.debug("closing idle connection from %s", peer)
                 return
             request_id, request = m.decode(header)
+            name = type(request).__name__
+            started = time.perf_counter()
             out_payload: Buffer = b""
             if isinstance(request, m.Ping):
                 answer: m.Message = m.Pong()
             else:
                 try:
-                    answer, out_payload = await handler.handle(request, payload, peer)
+                    answer, out_payload = await server.handler.handle(request, payload, peer)
                 except DfsError as exc:
                     answer = m.ErrorReply(code=exc.code, message=exc.message)
+                    metrics.REQUEST_ERRORS.labels(role, name).inc()
                 except Exception as exc:
                     # A bug, not the peer's fault: answer this request with EIO and go on.
-                    log.exception("%s from %s failed", type(request).__name__, peer)
+                    log.exception("%s from %s failed", name, peer)
                     answer = m.ErrorReply(code=DfsError.code, message=f"internal error: {exc}")
+                    metrics.REQUEST_ERRORS.labels(role, name).inc()
             await frames.send(answer.to_wire(request_id), out_payload)
+            metrics.REQUEST_SECONDS.labels(role, name).observe(time.perf_counter() - started)
+            metrics.BYTES_RECEIVED.labels(role).inc(len(payload))
+            metrics.BYTES_SENT.labels(role).inc(len(out_payload))
     except EOFError:
         log.debug("%s closed the connection", peer)
     except AuthFailed as exc:
         log.warning("closing connection from %s: %s", peer, exc.message)
+        metrics.CONNECTIONS_CLOSED.labels(role).inc()
     except ProtocolError as exc:
         log.warning("closing connection from %s: %s", peer, exc)
+        metrics.CONNECTIONS_CLOSED.labels(role).inc()
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         log.info("connection from %s lost: %s", peer, exc)
     except Exception:

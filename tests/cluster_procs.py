@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -238,6 +239,14 @@ class ProcCluster:
     def logs(self) -> str:
         parts = [d.logs() for d in [self.tracker, *self.keepers] if d is not None]
         return "\n".join(parts)
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for servers that cannot report theirs)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:

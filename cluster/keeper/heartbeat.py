@@ -55,6 +55,13 @@ class Heartbeat:
             await trio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
 
+    async def goodbye(self) -> None:
+        """Tell the tracker this keeper is stopping on purpose (best effort)."""
+        try:
+            await self.pool.call(self.tracker, m.Goodbye(keeper_id=self.keeper_id), m.OkReply)
+        except DfsError as exc:
+            log.info("could not say goodbye to the tracker: %s", exc)
+
     async def _register(self) -> None:
         store = self.server.store
         # Deltas collected before this point are covered by the full inventory.

@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from cluster import config
+from cluster import config, metrics
 from cluster.auth import Credentials, SecretError
 from cluster.keeper.chunkstore import ChunkStore
 from cluster.keeper.heartbeat import Heartbeat
@@ -21,10 +21,13 @@ from cluster.keeper.replicator import Replicator
 from cluster.keeper.scrubber import Scrubber
 from cluster.keeper.server import KeeperServer
 from cluster.logs import setup_logging
+from cluster.notify import notify
 from cluster.rpc import split_addr
-from cluster.serve import ServeOptions, serve
+from cluster.serve import ServeOptions, Server
 
 log = logging.getLogger("cluster.keeper")
+GOODBYE_TIMEOUT_S = 2.0
+SHUTDOWN_GRACE_S = 30.0  # long enough to finish a chunk transfer in flight
 
 
 def keeper_id(data_dir: Path) -> str:
@@ -45,30 +48,62 @@ async def _run(settings: dict[str, Any], credentials: Credentials) -> None:
     store = ChunkStore(data_dir, settings["capacity"])
     await trio.to_thread.run_sync(store.scan)
     host, port = split_addr(settings["listen"])
-    server = KeeperServer(store, credentials)
-    async with trio.open_nursery() as nursery:
-        bound = await nursery.start(
-            serve, server, host, port, ServeOptions(role="keeper", credentials=credentials)
-        )
-        server.addr = f"{host}:{bound}"
-        replicator = Replicator(server, settings["replicate_rate_mb_s"])
-        heartbeat = Heartbeat(
-            server,
-            replicator,
-            settings["tracker"],
-            keeper_id(data_dir),
-            settings["zone"],
-            settings["heartbeat_s"],
-        )
-        nursery.start_soon(heartbeat.run, name="heartbeat")
-        nursery.start_soon(replicator.run, name="replicator")
-        nursery.start_soon(Scrubber(server, settings["scrub_rate_mb_s"]).run, name="scrubber")
-        print(f"dfs-keeper: serving on {server.addr}", file=sys.stderr, flush=True)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    keeper = KeeperServer(store, credentials)
+    server = Server(keeper, ServeOptions(role="keeper", credentials=credentials))
+    replicator = Replicator(keeper, settings["replicate_rate_mb_s"])
+    scrubber = Scrubber(keeper, settings["scrub_rate_mb_s"])
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(server.run, host, port)
+            keeper.addr = f"{host}:{bound}"
+            heartbeat = Heartbeat(
+                keeper,
+                replicator,
+                settings["tracker"],
+                keeper_id(data_dir),
+                settings["zone"],
+                settings["heartbeat_s"],
+            )
+            nursery.start_soon(heartbeat.run, name="heartbeat")
+            nursery.start_soon(replicator.run, name="replicator")
+            nursery.start_soon(scrubber.run, name="scrubber")
+            if settings["metrics"]:
+                _register_gauges(store, scrubber)
+                metrics.start(settings["metrics"])
+            print(f"dfs-keeper: serving on {keeper.addr}", file=sys.stderr, flush=True)
+            notify("READY=1")
             async for signum in signals:
-                log.info("%s: shutting down", signal.Signals(signum).name)
+                log.info(
+                    "%s: finishing transfers in flight, then stopping", signal.Signals(signum).name
+                )
+                notify("STOPPING=1")
+                # Goodbye first, so that no new chunk is placed here while we drain.
+                with trio.move_on_after(GOODBYE_TIMEOUT_S):
+                    await heartbeat.goodbye()
+                server.shutdown()
+                with trio.move_on_after(SHUTDOWN_GRACE_S):
+                    await server.finished.wait()
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _register_gauges(store: ChunkStore, scrubber: Scrubber) -> None:
+    metrics.gauge("dfs_keeper_chunks", "Chunk versions held", lambda: len(store.chunks))
+    metrics.gauge("dfs_keeper_used_bytes", "Bytes used by chunk files", lambda: store.used_bytes)
+    metrics.gauge(
+        "dfs_keeper_capacity_bytes", "Bytes this keeper may use", lambda: store.capacity_bytes
+    )
+    metrics.gauge(
+        "dfs_keeper_free_bytes",
+        "Bytes left",
+        lambda: max(0, store.capacity_bytes - store.used_bytes),
+    )
+    metrics.gauge(
+        "dfs_keeper_scrubbed_chunks", "Chunks checked by the scrubber", lambda: scrubber.checked
+    )
+    metrics.gauge(
+        "dfs_keeper_corrupt_chunks", "Corrupt copies found by the scrubber", lambda: scrubber.bad
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -36,6 +36,8 @@ class KeeperState:
     to_replicate: list[list[object]] = field(default_factory=list)
     # Being decommissioned: gets no new chunks; its copies do not count toward the goal.
     draining: bool = False
+    # Said goodbye (stopping for maintenance): gets no new chunks until it registers again.
+    leaving: bool = False
 
     def alive(self, now: float, dead_after_s: float) -> bool:
         return now - self.last_seen <= dead_after_s
@@ -96,7 +98,7 @@ class KeeperRegistry:
 
     def writable(self) -> list[KeeperState]:
         """Live keepers that may take new chunks."""
-        return [k for k in self.live() if not k.draining]
+        return [k for k in self.live() if not (k.draining or k.leaving)]
 
     def find(self, name: str) -> KeeperState | None:
         """A keeper by address or by (a prefix of) its id."""

@@ -1,4 +1,9 @@
-"""`dfs-tracker`: run the tracker in the foreground until SIGINT or SIGTERM."""
+"""`dfs-tracker`: run the tracker in the foreground until SIGINT or SIGTERM.
+
+Start-up order: open the store, listen, then (optionally) the status page and metrics, and only
+then the ready line on stderr and READY=1 to systemd. On SIGTERM: STOPPING=1, stop accepting,
+finish the requests (commits) in flight, exit.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,35 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from prometheus_client import Gauge
 
-from cluster import config
+from cluster import config, metrics
 from cluster.auth import Credentials, SecretError
 from cluster.logs import setup_logging
+from cluster.notify import notify
 from cluster.rpc import split_addr
 from cluster.tracker.server import Tracker
 
 log = logging.getLogger("cluster.tracker")
+SHUTDOWN_GRACE_S = 15.0
+
+
+async def _export_gauges(tracker: Tracker) -> None:
+    """Copy the tracker's state into gauges once a second (scrapes run on another thread,
+    which must not touch trio state)."""
+    keepers_alive = Gauge("dfs_keepers_alive", "Keepers heard from recently")
+    chunks = Gauge("dfs_chunks", "Chunks in the namespace")
+    degraded = Gauge("dfs_chunks_under_replicated", "Chunks below their goal")
+    lost = Gauge("dfs_chunks_lost", "Chunks without a live copy")
+    queue = Gauge("dfs_replication_queue", "Copies ordered and not yet done")
+    while True:
+        health = tracker.healer.health
+        keepers_alive.set(len(tracker.registry.live()))
+        chunks.set(health.chunks)
+        degraded.set(health.degraded)
+        lost.set(health.lost)
+        queue.set(len(tracker.healer.in_flight))
+        await trio.sleep(1)
 
 
 async def _run(settings: dict[str, Any], credentials: Credentials) -> None:
@@ -32,13 +58,27 @@ async def _run(settings: dict[str, Any], credentials: Credentials) -> None:
         gc_grace_s=float(settings["gc_grace_s"]),
         credentials=credentials,
     )
-    async with trio.open_nursery() as nursery:
-        bound = await nursery.start(tracker.run, host, port)
-        # The ready line: tests and scripts read the bound port from it.
-        print(f"dfs-tracker: listening on {host}:{bound}", file=sys.stderr, flush=True)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(tracker.run, host, port)
+            if settings["http"]:
+                from cluster.tracker.http import serve_http  # only loaded when asked for
+
+                await nursery.start(serve_http, tracker, settings["http"])
+            if settings["metrics"]:
+                nursery.start_soon(_export_gauges, tracker, name="metrics")
+                metrics.start(settings["metrics"])
+            # The ready line: tests and scripts read the bound port from it.
+            print(f"dfs-tracker: listening on {host}:{bound}", file=sys.stderr, flush=True)
+            notify("READY=1")
             async for signum in signals:
-                log.info("%s: shutting down", signal.Signals(signum).name)
+                log.info(
+                    "%s: finishing requests in flight, then stopping", signal.Signals(signum).name
+                )
+                notify("STOPPING=1")
+                tracker.shutdown()
+                with trio.move_on_after(SHUTDOWN_GRACE_S):
+                    await tracker.server.finished.wait()
                 nursery.cancel_scope.cancel()
                 break
 
@@ -61,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.exit(2, f"dfs-tracker: {exc}\n")
     except OSError as exc:
         parser.exit(1, f"dfs-tracker: {exc}\n")
+    log.info("stopped")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from cluster import messages as m
 from cluster.auth import Credentials
 from cluster.errors import InvalidArgument, NoSpace, NotFound, StaleChunk, Unavailable
 from cluster.protocol import Buffer
-from cluster.serve import ServeOptions, serve
+from cluster.serve import ServeOptions, Server
 from cluster.tracker import placement
 from cluster.tracker.healer import Healer
 from cluster.tracker.keepers import KeeperRegistry, KeeperState
@@ -45,6 +45,7 @@ class Tracker:
         credentials: Credentials,
     ) -> None:
         self.credentials = credentials
+        self.server = Server(self, ServeOptions(role="tracker", credentials=credentials))
         if not 0 < chunk_size <= MAX_CHUNK_SIZE or chunk_size % 65536:
             raise ValueError("chunk_size must be a multiple of 64 KiB, at most 64 MiB")
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -92,24 +93,27 @@ class Tracker:
             m.Decommission: self.decommission,
             m.RegisterKeeper: self.register_keeper,
             m.Heartbeat: self.heartbeat,
+            m.Goodbye: self.goodbye,
         }
 
     async def run(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        """Serve until cancelled or `shutdown()`; `task_status.started(port)` once accepting."""
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.healer.run, name="healer")
-                bound = await nursery.start(
-                    serve,
-                    self,
-                    host,
-                    port,
-                    ServeOptions(role="tracker", credentials=self.credentials),
-                )
+                bound = await nursery.start(self.server.run, host, port)
                 task_status.started(bound)
+                # After shutdown() the server finishes the requests (commits) in flight and
+                # returns; then the healer stops too.
+                await self.server.finished.wait()
+                nursery.cancel_scope.cancel()
         finally:
             self.store.close()
+
+    def shutdown(self) -> None:
+        self.server.shutdown()
 
     async def handle(
         self, msg: m.Message, payload: bytearray, peer: str
@@ -331,6 +335,10 @@ class Tracker:
         return m.OkReply()
 
     async def cluster_status(self, msg: m.ClusterStatus, peer: str) -> m.Message:
+        return self.status()
+
+    def status(self) -> m.ClusterStatusReply:
+        """The cluster at a glance: `dfs status`, the status page and /api/status."""
         now = trio.current_time()
         health = self.healer.health
         keepers = []
@@ -340,7 +348,7 @@ class Tracker:
                 "id": k.keeper_id,
                 "addr": k.addr,
                 "zone": k.zone,
-                "state": ("draining" if k.draining else "alive") if alive else "dead",
+                "state": self._state(k) if alive else "dead",
                 "used_bytes": k.used_bytes,
                 "capacity_bytes": k.capacity_bytes,
                 "chunks": len(self.registry.chunks.by_keeper.get(k.keeper_id, {})),
@@ -359,6 +367,10 @@ class Tracker:
             chunks=self.store.count_chunks(),
             health=health.as_dict(),
         )
+
+    @staticmethod
+    def _state(keeper: KeeperState) -> str:
+        return "draining" if keeper.draining else "leaving" if keeper.leaving else "alive"
 
     async def fsck(self, msg: m.Fsck, peer: str) -> m.Message:
         live = {k.keeper_id for k in self.registry.live() if not k.draining}
@@ -429,6 +441,13 @@ class Tracker:
     def _check_space(capacity: int, used: int) -> None:
         if not (0 <= capacity < 1 << 60 and 0 <= used < 1 << 60):
             raise InvalidArgument("capacity or used bytes out of range")
+
+    async def goodbye(self, msg: m.Goodbye, peer: str) -> m.Message:
+        keeper = self.registry.keepers.get(msg.keeper_id)
+        if keeper is not None:
+            keeper.leaving = True
+            log.info("keeper %s at %s is stopping", msg.keeper_id[:8], keeper.addr)
+        return m.OkReply()
 
     async def register_keeper(self, msg: m.RegisterKeeper, peer: str) -> m.Message:
         self._check_space(msg.capacity_bytes, msg.used_bytes)
