@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from cluster import auth
+
 BIN = Path(sys.executable).parent
 TRACKER_PORT = 9420
 KEEPER_PORTS = (9421, 9422, 9423)
@@ -43,6 +45,10 @@ def main() -> None:
     args = parser.parse_args()
     state = Path(args.state).resolve()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = state / "secret"
+    if not secret.exists():
+        auth.new_secret(secret)
+    os.environ["DFS_SECRET_FILE"] = str(secret)  # every process started here inherits it
     tracker = f"127.0.0.1:{TRACKER_PORT}"
     procs: list[subprocess.Popen[bytes]] = []
     mountpoint = Path(args.mountpoint).resolve()
@@ -72,7 +78,8 @@ def main() -> None:
             )  # fmt: skip
             _wait_line(log, "dfs-keeper: serving", procs[-1])
         print(f"tracker on {tracker}, keepers on ports {', '.join(map(str, KEEPER_PORTS))}")
-        print(f"logs in {state}; try: {BIN / 'dfs'} --tracker {tracker} status")
+        print(f"logs in {state}; try:")
+        print(f"  DFS_SECRET_FILE={secret} {BIN / 'dfs'} --tracker {tracker} status")
         if args.no_mount:
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
             return
