@@ -38,6 +38,7 @@ from cluster.errors import (
     Unavailable,
     collapse,
 )
+from cluster.protocol import PAYLOADS
 from cluster.rpc import ConnectionPool
 
 log = logging.getLogger(__name__)
@@ -436,7 +437,9 @@ class Client:
         skip = offset - reply.first_block * checksum.BLOCK_SIZE
         if skip < 0 or skip + length > len(payload):
             raise ChecksumMismatch("keeper sent a range that does not cover the request")
-        return bytes(memoryview(payload)[skip : skip + length])
+        data = bytes(memoryview(payload)[skip : skip + length])
+        PAYLOADS.give(payload)
+        return data
 
     async def _report_bad(self, info: ChunkInfo, addr: str, reason: str) -> None:
         try:
@@ -604,7 +607,6 @@ class Client:
             async with _nursery() as nursery:
                 for index in range(count):
                     await _start_bounded(nursery, gate, fetch, index)
-            os.fsync(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)

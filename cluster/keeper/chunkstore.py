@@ -195,6 +195,8 @@ class ChunkStore:
         """Re-read a whole chunk and check it (the scrubber's unit of work)."""
         try:
             chunk = self._read_sync(chunk_id, version, 0, 0)
+        except NotFound:
+            return True  # deleted meanwhile: nothing left to be wrong
         except (ChecksumMismatch, OSError, struct.error):
             return False
         return (

@@ -52,6 +52,10 @@ class Heartbeat:
             except (DfsError, trio.TooSlowError) as exc:
                 log.info("tracker %s unreachable (%s); retrying", self.tracker, exc or "timeout")
                 self.pool.drop(self.tracker)
+            except Exception:
+                # Never let the link to the tracker die of a bug: log it, register again.
+                log.exception("heartbeat failed")
+                self.pool.drop(self.tracker)
             await trio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
 

@@ -17,6 +17,7 @@ from cluster import checksum
 from cluster import messages as m
 from cluster.errors import ChecksumMismatch, DfsError
 from cluster.keeper.server import KeeperServer
+from cluster.protocol import PAYLOADS
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Replicator:
                     raise ChecksumMismatch("short copy")
                 await self.server.store.write(chunk_id, version, data, reply.checksums)
             self.server.added.append([chunk_id, version])
+            PAYLOADS.give(data)
             log.info("copied chunk %d v%d from %s", chunk_id, version, source)
             # Bandwidth bound: a copy of n bytes takes at least n / rate seconds.
             await trio.sleep_until(started + len(data) / self.rate_bytes_s)
@@ -75,6 +77,9 @@ class Replicator:
                 source,
                 exc or "timeout",
             )
+        except Exception:
+            # A bug must not take the keeper down: the tracker will order the copy again.
+            log.exception("copy of chunk %d v%d from %s failed", chunk_id, version, source)
         finally:
             self.queued.discard((chunk_id, version))
             self.slots.release()

@@ -32,7 +32,12 @@ class Scrubber:
                 if (chunk_id, version) not in self.server.store.chunks:
                     continue  # deleted since the pass started
                 started = trio.current_time()
-                ok = await trio.to_thread.run_sync(self.server.store.verify, chunk_id, version)
+                try:
+                    ok = await trio.to_thread.run_sync(self.server.store.verify, chunk_id, version)
+                except Exception:
+                    # The scrubber must never take the keeper down with it.
+                    log.exception("scrub: checking chunk %d v%d failed", chunk_id, version)
+                    continue
                 self.checked += 1
                 if not ok and (chunk_id, version) in self.server.store.chunks:
                     self.bad += 1

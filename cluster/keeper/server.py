@@ -16,7 +16,7 @@ from cluster import messages as m
 from cluster.auth import Credentials
 from cluster.errors import DfsError, InvalidArgument
 from cluster.keeper.chunkstore import ChunkStore, check_ids
-from cluster.protocol import Buffer
+from cluster.protocol import PAYLOADS, Buffer
 from cluster.rpc import ConnectionPool
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,9 @@ class KeeperServer:
         self, msg: m.Message, payload: bytearray, peer: str
     ) -> tuple[m.Message, Buffer]:
         if isinstance(msg, m.PutChunk):
-            return await self.put_chunk(msg, payload), b""
+            reply = await self.put_chunk(msg, payload)
+            PAYLOADS.give(payload)  # stored and forwarded: no view of it is left
+            return reply, b""
         if isinstance(msg, m.ReadChunk):
             return await self.read_chunk(msg)
         raise InvalidArgument(f"a keeper does not serve {type(msg).__name__}")

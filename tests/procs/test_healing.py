@@ -121,7 +121,9 @@ def test_returning_keeper_is_trimmed(make_cluster: MakeCluster, tmp_path: Path) 
     assert_identical(cluster, files, tmp_path)
 
 
-def test_rm_frees_chunks_on_every_keeper(cluster: ProcCluster, tmp_path: Path) -> None:
+def test_rm_frees_chunks_on_every_keeper(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    # A fast scrubber, so deletions race with scrub passes (which once killed a keeper).
+    cluster = make_cluster(keeper_args=["--scrub-rate-mb-s", "2000"])
     used_before = sum(k["used_bytes"] for k in cluster.status()["keepers"])
     files = put_files(cluster, tmp_path, 6, max_size=20 * MiB)
     cluster.dfs("mkdir", "/tree/a")
@@ -138,6 +140,7 @@ def test_rm_frees_chunks_on_every_keeper(cluster: ProcCluster, tmp_path: Path) -
         30,
         "freed space in dfs status",
     )
+    assert all(k.running for k in cluster.keepers)
 
 
 def test_setrep_converges_up_and_down(make_cluster: MakeCluster, tmp_path: Path) -> None:
