@@ -30,6 +30,7 @@ from cluster import messages as m
 from cluster.auth import Credentials
 from cluster.errors import (
     ChecksumMismatch,
+    ConnectionLost,
     DfsError,
     IsADir,
     NoSpace,
@@ -179,7 +180,7 @@ class Client:
                 with trio.fail_after(max(self.io_timeout_s, 30.0)):
                     reply, _ = await self.pool.call(self.tracker, request, response)
                 return reply
-            except (Unavailable, trio.TooSlowError) as exc:
+            except (ConnectionLost, trio.TooSlowError) as exc:
                 if trio.current_time() + delay > deadline:
                     raise Unavailable(f"tracker {self.tracker} unreachable: {exc}") from None
                 log.info("tracker unreachable (%s), retrying in %.2fs", exc, delay)
@@ -274,7 +275,9 @@ class Client:
         )
 
     async def open_file(self, ino: int) -> Attr:
-        """Hold `ino` open for this client: an unlink keeps its data until `release_file`."""
+        """Hold `ino` open for this client: an unlink keeps its data until `release_file`.
+
+        Holds are counted per client session: every `open_file` needs one `release_file`."""
         return await self._attr(m.OpenFile(ino=ino, session=self.session))
 
     async def release_file(self, ino: int) -> None:
@@ -464,9 +467,7 @@ class Client:
         exclude: list[str] = []
         last_error: Exception | None = None
         for _attempt in range(WRITE_ATTEMPTS):
-            alloc = await self._tracker(
-                m.AllocateChunk(ino=ino, index=index, exclude=exclude), m.AllocateReply
-            )
+            alloc = await self._allocate(ino, index, exclude)
             if not alloc.keepers:
                 raise NoSpace("no keeper can take a new chunk")
             request = m.PutChunk(
@@ -481,7 +482,7 @@ class Client:
                         reply, _ = await self.pool.call(
                             alloc.keepers[0], request, m.PutChunkReply, data
                         )
-            except (Unavailable, trio.TooSlowError, ChecksumMismatch) as exc:
+            except (DfsError, trio.TooSlowError) as exc:
                 last_error = exc
                 exclude.append(alloc.keepers[0])
                 self.pool.drop(alloc.keepers[0])
@@ -492,17 +493,7 @@ class Client:
                     exc or "timeout",
                 )
                 continue
-            if reply.failed and not reply.stored:
-                exclude.extend(reply.failed)
-                continue
-            if reply.failed:
-                # Some copies are down: keep what is durable and let the others be healed, as
-                # HDFS does, unless nothing but the first copy made it and more were asked.
-                exclude.extend(a for a in reply.failed if a not in exclude)
-                if len(reply.stored) < min(2, len(alloc.keepers)):
-                    last_error = Unavailable(f"only {reply.stored} stored the chunk")
-                    continue
-            return ChunkInfo(
+            written = ChunkInfo(
                 index,
                 alloc.chunk_id,
                 alloc.version,
@@ -510,7 +501,38 @@ class Client:
                 checksum.digest(sums),
                 tuple(reply.stored),
             )
+            exclude.extend(a for a in reply.failed if a not in exclude)
+            # Some copies down: keep what is durable and let the healer add the rest, as HDFS
+            # does, as long as at least two copies (or all that were asked) made it.
+            if len(reply.stored) >= min(2, len(alloc.keepers)):
+                return written
+            last_error = Unavailable(f"only {reply.stored or 'no keeper'} stored the chunk")
+            await self.abandon([written])
+        if isinstance(last_error, NoSpace):
+            raise NoSpace(f"chunk {index} of inode {ino}: {last_error.message}")
         raise Unavailable(f"chunk {index} of inode {ino} could not be written: {last_error}")
+
+    async def _allocate(self, ino: int, index: int, exclude: list[str]) -> m.AllocateReply:
+        """A placement; while the tracker knows no live keeper (just restarted, or every keeper
+        down), wait for one for at most io_timeout_s, then fail."""
+        deadline = trio.current_time() + self.io_timeout_s
+        delay = 0.1
+        while True:
+            try:
+                return await self._tracker(
+                    m.AllocateChunk(ino=ino, index=index, exclude=exclude), m.AllocateReply
+                )
+            except Unavailable:
+                if trio.current_time() + delay > deadline:
+                    raise
+                await trio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def abandon(self, chunks: list[ChunkInfo]) -> None:
+        """Give back written chunk versions that will never be committed (a failed or
+        abandoned write), so their space is freed now rather than after gc_grace_s."""
+        if chunks:
+            await self._tracker(m.AbandonChunks(chunks=[c.to_wire() for c in chunks]), m.OkReply)
 
     async def commit(
         self, ino: int, size_bytes: int, chunks: list[ChunkInfo], mtime_ns: int | None = None

@@ -76,6 +76,11 @@ class Unavailable(DfsError):
     errno = _errno.EIO
 
 
+class ConnectionLost(Unavailable):
+    """The peer could not be reached or the link broke: worth retrying elsewhere or later.
+    Never sent on the wire (it travels as Unavailable)."""
+
+
 class ChecksumMismatch(DfsError):
     """stored bytes do not match their checksum"""
 

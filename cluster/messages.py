@@ -62,6 +62,7 @@ class MsgType(IntEnum):
     ALLOCATE_CHUNK = 51
     COMMIT_CHUNKS = 52
     REPORT_BAD_CHUNK = 53
+    ABANDON_CHUNKS = 54
     CHUNKS_REPLY = 60
     ALLOCATE_REPLY = 61
     # client -> tracker: administration
@@ -490,6 +491,16 @@ class CommitChunks(Message):
     ino: int
     size_bytes: int
     mtime_ns: int
+    chunks: list[ChunkList]
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class AbandonChunks(Message):
+    """Written versions that will never be committed (same records as CommitChunks): the
+    tracker forgets them and has their copies deleted. Committed versions are left alone."""
+
+    TYPE = MsgType.ABANDON_CHUNKS
     chunks: list[ChunkList]
 
 

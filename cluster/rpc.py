@@ -3,8 +3,9 @@
 A `Connection` carries one request at a time (callers that want parallelism take several
 connections from the pool, which is what parallel chunk transfers do). A call that fails or is
 cancelled half-way leaves the stream in an unknown state, so the connection is marked broken
-and never reused. Every failure to reach or understand a peer surfaces as `Unavailable`, the one
-error callers retry or fail over on; a `DfsError` answered by the peer is raised as itself.
+and never reused. Every failure to reach or understand a peer surfaces as `ConnectionLost`
+(an `Unavailable`), the one error callers retry or fail over on; a `DfsError` answered by the
+peer is raised as itself, so "the tracker is down" and "no keeper is up" stay apart.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import trio
 from cluster import auth
 from cluster import messages as m
 from cluster.auth import Credentials
-from cluster.errors import AuthFailed, ProtocolError, Unavailable, error_from_wire
+from cluster.errors import AuthFailed, ConnectionLost, ProtocolError, error_from_wire
 from cluster.protocol import Buffer, FrameStream
 
 log = logging.getLogger(__name__)
@@ -58,12 +59,12 @@ class Connection:
         try:
             host, port = split_addr(addr)
         except ValueError as exc:
-            raise Unavailable(str(exc)) from None
+            raise ConnectionLost(str(exc)) from None
         try:
             with trio.fail_after(CONNECT_TIMEOUT_S):
                 stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
         except (OSError, trio.TooSlowError) as exc:
-            raise Unavailable(f"cannot connect to {addr}: {exc or 'timeout'}") from None
+            raise ConnectionLost(f"cannot connect to {addr}: {exc or 'timeout'}") from None
         if credentials.tls_client is not None:
             stream = trio.SSLStream(stream, credentials.tls_client, server_hostname=host)
         conn = cls(FrameStream(stream), addr)
@@ -72,7 +73,7 @@ class Connection:
                 await conn._handshake(role, credentials)
         except trio.TooSlowError:
             await conn.aclose()
-            raise Unavailable(f"{addr}: no answer to the handshake") from None
+            raise ConnectionLost(f"{addr}: no answer to the handshake") from None
         except BaseException:
             await conn.aclose()
             raise
@@ -83,7 +84,7 @@ class Connection:
         hello = m.Hello(version=m.PROTOCOL_VERSION, role=role, nonce=client_nonce)
         reply, _ = await self.call(hello)
         if not isinstance(reply, m.HelloReply) or reply.version != m.PROTOCOL_VERSION:
-            raise Unavailable(f"{self.addr}: incompatible peer")
+            raise ConnectionLost(f"{self.addr}: incompatible peer")
         proof = auth.proof(credentials.secret, b"client", client_nonce, reply.nonce)
         answer, _ = await self.call(m.Authenticate(proof=proof))
         expected = auth.proof(credentials.secret, b"server", client_nonce, reply.nonce)
@@ -93,7 +94,7 @@ class Connection:
     async def call(self, request: m.Message, payload: Buffer = b"") -> tuple[m.Message, bytearray]:
         """Send one request and wait for its reply; raise the peer's DfsError if it failed."""
         if self.broken:
-            raise Unavailable(f"{self.addr}: connection is broken")
+            raise ConnectionLost(f"{self.addr}: connection is broken")
         request_id = next(_request_ids)
         async with self._lock:
             try:
@@ -103,16 +104,16 @@ class Connection:
             except BaseException as exc:
                 self.broken = True
                 if isinstance(exc, EOFError):
-                    raise Unavailable(f"{self.addr}: connection closed by the peer") from None
+                    raise ConnectionLost(f"{self.addr}: connection closed by the peer") from None
                 broken = ProtocolError | OSError | trio.BrokenResourceError | ssl.SSLError
                 if isinstance(exc, broken):
-                    raise Unavailable(f"{self.addr}: {exc}") from None
+                    raise ConnectionLost(f"{self.addr}: {exc}") from None
                 raise
             finally:
                 self.last_used = trio.current_time()
         if reply_id != request_id:
             self.broken = True
-            raise Unavailable(f"{self.addr}: reply to another request")
+            raise ConnectionLost(f"{self.addr}: reply to another request")
         if isinstance(reply, m.ErrorReply):
             raise error_from_wire(reply.code, reply.message)
         return reply, reply_payload
@@ -149,7 +150,7 @@ class ConnectionPool:
         async with self.connection(addr) as conn:
             reply, data = await conn.call(request, payload)
         if not isinstance(reply, response):
-            raise Unavailable(f"{addr}: unexpected {reply.__class__.__name__}")
+            raise ConnectionLost(f"{addr}: unexpected {reply.__class__.__name__}")
         return reply, data
 
     async def _take(self, addr: str) -> Connection:

@@ -12,7 +12,7 @@ from hypothesis import settings
 from tests.cluster_procs import ProcCluster
 
 # Fuzzing: a bounded run in CI; `make fuzz` selects the long profile.
-settings.register_profile("ci", max_examples=150, deadline=None)
+settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True)
 settings.register_profile("fuzz", max_examples=20000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

@@ -136,7 +136,7 @@ class Healer:
         holders: list[KeeperState],
         pending_by_keeper: dict[KeeperId, int],
     ) -> None:
-        holding = set(self.registry.chunks.holders.get(chunk_id, {}))
+        holding = self.registry.chunks.holding_any(chunk_id)
         candidates = [
             k
             for k in self.registry.writable()

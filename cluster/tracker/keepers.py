@@ -47,36 +47,55 @@ class KeeperState:
         return max(0, self.capacity_bytes - self.used_bytes - self.reserved_bytes)
 
 
+ChunkKey = tuple[int, int]  # (chunk id, version)
+
+
 class ChunkMap:
-    """chunk id -> {keeper id: version held}."""
+    """Which keeper holds which chunk version. A keeper may hold several versions of one
+    chunk id at once (a new version arrives before the old one is deleted), so every entry is
+    an exact (chunk id, version)."""
 
     def __init__(self) -> None:
-        self.holders: dict[int, dict[KeeperId, int]] = defaultdict(dict)
-        self.by_keeper: dict[KeeperId, dict[int, int]] = defaultdict(dict)
+        self.holders: dict[ChunkKey, set[KeeperId]] = defaultdict(set)
+        self.by_keeper: dict[KeeperId, set[ChunkKey]] = defaultdict(set)
+        self.versions: dict[int, set[int]] = defaultdict(set)  # chunk id -> versions held
 
     def add(self, keeper_id: KeeperId, chunk_id: int, version: int) -> None:
-        self.holders[chunk_id][keeper_id] = version
-        self.by_keeper[keeper_id][chunk_id] = version
+        self.holders[(chunk_id, version)].add(keeper_id)
+        self.by_keeper[keeper_id].add((chunk_id, version))
+        self.versions[chunk_id].add(version)
 
-    def remove(self, keeper_id: KeeperId, chunk_id: int, version: int | None = None) -> None:
-        held = self.holders.get(chunk_id)
-        if held is not None and (version is None or held.get(keeper_id) == version):
-            held.pop(keeper_id, None)
-            if not held:
-                del self.holders[chunk_id]
-            self.by_keeper[keeper_id].pop(chunk_id, None)
+    def remove(self, keeper_id: KeeperId, chunk_id: int, version: int) -> None:
+        key = (chunk_id, version)
+        held = self.holders.get(key)
+        if held is None:
+            return
+        held.discard(keeper_id)
+        self.by_keeper[keeper_id].discard(key)
+        if not held:
+            del self.holders[key]
+            versions = self.versions[chunk_id]
+            versions.discard(version)
+            if not versions:
+                del self.versions[chunk_id]
 
     def forget_keeper(self, keeper_id: KeeperId) -> None:
-        for chunk_id in list(self.by_keeper.pop(keeper_id, {})):
-            held = self.holders.get(chunk_id)
-            if held is not None:
-                held.pop(keeper_id, None)
-                if not held:
-                    del self.holders[chunk_id]
+        for chunk_id, version in list(self.by_keeper.get(keeper_id, ())):
+            self.remove(keeper_id, chunk_id, version)
+        self.by_keeper.pop(keeper_id, None)
 
-    def holders_of(self, chunk_id: int, version: int | None = None) -> list[KeeperId]:
-        held = self.holders.get(chunk_id, {})
-        return [k for k, v in held.items() if version is None or v == version]
+    def holders_of(self, chunk_id: int, version: int) -> list[KeeperId]:
+        return list(self.holders.get((chunk_id, version), ()))
+
+    def holding_any(self, chunk_id: int) -> set[KeeperId]:
+        """Keepers holding some version of `chunk_id`."""
+        found: set[KeeperId] = set()
+        for version in self.versions.get(chunk_id, ()):
+            found |= self.holders.get((chunk_id, version), set())
+        return found
+
+    def holds(self, keeper_id: KeeperId, chunk_id: int, version: int) -> bool:
+        return keeper_id in self.holders.get((chunk_id, version), ())
 
 
 class KeeperRegistry:
@@ -131,11 +150,11 @@ class KeeperRegistry:
         self.chunks.forget_keeper(keeper_id)
         return state
 
-    def queue_delete(self, chunk_id: int, version: int | None = None) -> None:
-        """Tell every keeper holding `chunk_id` (at `version`, or any) to delete it."""
-        for keeper_id, held in list(self.chunks.holders.get(chunk_id, {}).items()):
-            if version is None or held == version:
-                keeper = self.keepers.get(keeper_id)
-                if keeper is not None:
-                    keeper.to_delete.add((chunk_id, held))
-                self.chunks.remove(keeper_id, chunk_id, held)
+    def queue_delete(self, chunk_id: int, version: int) -> None:
+        """Tell every keeper holding exactly this chunk version to delete it. Never a whole
+        chunk id: a newer version of it may be on its way to the same keepers."""
+        for keeper_id in self.chunks.holders_of(chunk_id, version):
+            keeper = self.keepers.get(keeper_id)
+            if keeper is not None:
+                keeper.to_delete.add((chunk_id, version))
+            self.chunks.remove(keeper_id, chunk_id, version)

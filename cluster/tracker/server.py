@@ -32,6 +32,22 @@ log = logging.getLogger(__name__)
 MAX_CHUNK_SIZE = 64 << 20
 
 
+def _chunk_record(raw: list[Any], max_length: int) -> tuple[int, int, int, int, int, list[str]]:
+    """Validate a chunk record from a client: [index, id, version, length, digest, [addr]]."""
+    if len(raw) == 6:
+        index, chunk_id, version, length, digest, addrs = raw
+        numbers = (index, chunk_id, version, length, digest)
+        if (
+            all(isinstance(v, int) and not isinstance(v, bool) for v in numbers)
+            and isinstance(addrs, list)
+            and all(isinstance(a, str) for a in addrs)
+            and 0 <= length <= max_length
+            and index >= 0
+        ):
+            return index, chunk_id, version, length, digest, addrs
+    raise InvalidArgument(f"malformed chunk record {raw!r}")
+
+
 class Tracker:
     def __init__(
         self,
@@ -87,6 +103,7 @@ class Tracker:
             m.AllocateChunk: self.allocate_chunk,
             m.CommitChunks: self.commit_chunks,
             m.ReportBadChunk: self.report_bad_chunk,
+            m.AbandonChunks: self.abandon_chunks,
             m.ClusterStatus: self.cluster_status,
             m.Fsck: self.fsck,
             m.SetReplication: self.set_replication,
@@ -129,7 +146,7 @@ class Tracker:
 
     def _removed(self, removal: Removal) -> None:
         for row in removal.chunks:
-            self.registry.queue_delete(row.chunk_id)
+            self.registry.queue_delete(row.chunk_id, row.version)
 
     # --- namespace ------------------------------------------------------------------------
 
@@ -259,9 +276,7 @@ class Tracker:
                 chunk_id = (
                     self.store.allocation_for(msg.ino, msg.index) or self.store.next_chunk_id()
                 )
-            version = 1 + max(
-                current.version if current else 0, self.store.top_allocated_version(chunk_id)
-            )
+            version = self.store.next_version(chunk_id)
             self.store.add_allocation(chunk_id, version, msg.ino, msg.index)
         for keeper in chosen:
             keeper.reserved_bytes += chunk_bytes
@@ -278,17 +293,7 @@ class Tracker:
             inode = self.namespace.inode(msg.ino)
             chunk_bytes = inode.chunk_size or self.chunk_size
             for raw in msg.chunks:
-                try:
-                    index, chunk_id, version, length, digest, addrs = raw
-                    valid = (
-                        all(isinstance(v, int) for v in (index, chunk_id, version, length, digest))
-                        and isinstance(addrs, list)
-                        and 0 <= length <= chunk_bytes
-                    )
-                except ValueError:
-                    valid = False
-                if not valid:
-                    raise InvalidArgument(f"malformed chunk record {raw!r}")
+                index, chunk_id, version, length, digest, addrs = _chunk_record(raw, chunk_bytes)
                 if not self.store.remove_allocation(chunk_id, version):
                     raise StaleChunk(f"chunk {chunk_id} v{version} was not allocated")
                 row = ChunkRow(msg.ino, index, chunk_id, version, length, digest)
@@ -308,12 +313,23 @@ class Tracker:
             inode.ctime_ns = time.time_ns()
             self.store.update_inode(inode)
         for old in replaced:
-            if any(old.chunk_id == r[1] for r in msg.chunks):
-                # Same chunk id, newer version: delete only the superseded version.
-                self.registry.queue_delete(old.chunk_id, old.version)
-            else:
-                self.registry.queue_delete(old.chunk_id)
+            self.registry.queue_delete(old.chunk_id, old.version)
         return m.AttrReply(attr=inode.as_list())
+
+    async def abandon_chunks(self, msg: m.AbandonChunks, peer: str) -> m.Message:
+        dropped: list[tuple[int, int, list[Any]]] = []
+        with self.store.transaction():
+            for raw in msg.chunks:
+                _, chunk_id, version, _, _, addrs = _chunk_record(raw, MAX_CHUNK_SIZE)
+                if self.store.remove_allocation(chunk_id, version):
+                    dropped.append((chunk_id, version, addrs))
+        for chunk_id, version, addrs in dropped:
+            for addr in addrs:
+                keeper = self.registry.by_addr(str(addr))
+                if keeper is not None:
+                    keeper.to_delete.add((chunk_id, version))
+            self.registry.queue_delete(chunk_id, version)
+        return m.OkReply()
 
     async def report_bad_chunk(self, msg: m.ReportBadChunk, peer: str) -> m.Message:
         keeper = self.registry.by_addr(msg.addr)
@@ -327,7 +343,7 @@ class Tracker:
         )
         if (
             keeper is not None
-            and self.registry.chunks.holders.get(msg.chunk_id, {}).get(keeper.keeper_id)
+            and self.registry.chunks.holds(keeper.keeper_id, msg.chunk_id, msg.version)
             == msg.version
         ):
             self.registry.chunks.remove(keeper.keeper_id, msg.chunk_id, msg.version)
@@ -351,7 +367,7 @@ class Tracker:
                 "state": self._state(k) if alive else "dead",
                 "used_bytes": k.used_bytes,
                 "capacity_bytes": k.capacity_bytes,
-                "chunks": len(self.registry.chunks.by_keeper.get(k.keeper_id, {})),
+                "chunks": len(self.registry.chunks.by_keeper.get(k.keeper_id, ())),
                 "last_seen_s": round(now - k.last_seen, 1),
             }
             if k.draining:

@@ -73,6 +73,14 @@ CREATE TABLE IF NOT EXISTS allocations (
     PRIMARY KEY (chunk_id, version)
 ) WITHOUT ROWID;
 
+-- The highest version ever handed out per chunk id. A (chunk id, version) pair is never
+-- handed out twice, even after the chunk was truncated away: a delete queued for an old copy
+-- must never hit a new one.
+CREATE TABLE IF NOT EXISTS chunk_versions (
+    chunk_id INTEGER PRIMARY KEY,
+    top      INTEGER NOT NULL
+);
+
 -- Keepers being drained by `dfs decommission`: no new chunks, their copies moved elsewhere.
 CREATE TABLE IF NOT EXISTS draining (
     keeper_id TEXT PRIMARY KEY
@@ -169,6 +177,7 @@ class MetadataStore(Protocol):
     def next_chunk_id(self) -> int: ...
     def add_allocation(self, chunk_id: int, version: int, ino: int, idx: int) -> None: ...
     def top_allocated_version(self, chunk_id: int) -> int: ...
+    def next_version(self, chunk_id: int) -> int: ...
     def allocation_for(self, ino: int, idx: int) -> int | None: ...
     def remove_allocation(self, chunk_id: int, version: int) -> bool: ...
     def is_allocated(self, chunk_id: int, version: int) -> bool: ...
@@ -385,6 +394,22 @@ class SqliteStore:
             "SELECT max(version) FROM allocations WHERE chunk_id=?", (chunk_id,)
         ).fetchone()
         return int(row[0]) if row and row[0] is not None else 0
+
+    def next_version(self, chunk_id: int) -> int:
+        """A version of `chunk_id` never handed out before."""
+        row = self.db.execute(
+            "SELECT top FROM chunk_versions WHERE chunk_id=?", (chunk_id,)
+        ).fetchone()
+        top = max(
+            int(row[0]) if row else 0,
+            self.top_allocated_version(chunk_id),
+            self.committed_version(chunk_id) or 0,
+        )
+        self.db.execute(
+            "INSERT OR REPLACE INTO chunk_versions (chunk_id, top) VALUES (?, ?)",
+            (chunk_id, top + 1),
+        )
+        return top + 1
 
     def allocation_for(self, ino: int, idx: int) -> int | None:
         row = self.db.execute(

@@ -1,0 +1,438 @@
+"""File data on the mount: chunk-aligned write buffers, background uploads, commits and reads.
+
+One `FileState` per inode that is open on this mount, shared by all its handles (created at
+the first open, dropped after the last release). It holds:
+
+- `size`, `mtime_ns`: this mount's view, which runs ahead of the tracker while writes are
+  unflushed (getattr reports it then);
+- `remote`: the committed chunk map (index -> ChunkInfo) as last fetched, None until needed;
+- `dirty`: index -> ChunkBuffer accepting writes;
+- `uploading`: index -> _Upload, a buffer being stored as a new chunk version;
+- `pending`: index -> ChunkInfo stored on the keepers but not yet committed.
+
+The newest version of chunk i is `pending[i]`, else `remote[i]`; a dirty or uploading buffer of
+chunk i lies over it.
+
+Concurrency protocol (trio tasks interleave only at `await`s):
+
+- A chunk index is in at most one of `dirty` / `uploading`. Moving a buffer from `dirty` to
+  `uploading` (`start_upload`) is synchronous. A write to an index that is uploading waits for
+  that upload to finish, so a new buffer for it is always based on the newest version and the
+  bytes being uploaded are never mutated.
+- An upload merges the base version into its buffer (when its writes do not cover the chunk),
+  stores it with `write_chunk`, then, without awaiting, records it in `pending`, removes it
+  from `uploading`, gives its bytes back to the `DirtyBudget` and sets its `done` event.
+- `flush` (and `fsync`, `release`, and a truncate or utimens of an open file) holds
+  `FileState.lock`: it starts an upload of every dirty buffer, waits for the uploads that
+  exist at that moment, then commits `pending` and the size in one tracker transaction.
+  Writes are not locked out: what they add meanwhile is left for the next flush.
+- A failed upload sets `error`, which is sticky until the state is dropped: later writes and
+  every flush/fsync/close fail with its errno (EIO, or ENOSPC when no keeper has room), and
+  nothing more is committed. What has not been stored is never acknowledged.
+- Reads take the newest bytes: from a buffer when its writes cover the range, else the base
+  version from the `ChunkCache` with the buffer's writes laid over it. Zeros in holes and past
+  a chunk's length, nothing past `size`.
+- Writers charge the bytes they add to the mount-wide `DirtyBudget`; when it is exhausted they
+  wait, after asking `DataCache.relieve_pressure` to upload the oldest dirty buffers if the
+  uploads already running would not free enough.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import trio
+
+from cluster.client import Attr, ChunkInfo, Client
+from cluster.errors import DfsError, Unavailable
+from dfsmount.buffers import ChunkBuffer, DirtyBudget
+from dfsmount.chunkcache import ChunkCache
+
+log = logging.getLogger(__name__)
+
+Readable = bytes | bytearray | memoryview
+
+# How far ahead of a sequential reader chunks are fetched (capped by a quarter of the cache).
+READAHEAD_BYTES = 32 << 20
+# A truncate or utimens of a file being written flushes first; writes racing with that flush
+# (only possible through mmap write-back) get this many more flushes before we go ahead.
+FLUSH_ROUNDS = 3
+
+
+def _copy(error: DfsError) -> DfsError:
+    """A fresh exception of the same type: one stored error is raised in many tasks."""
+    return type(error)(str(error))
+
+
+class _Upload:
+    __slots__ = ("buffer", "done")
+
+    def __init__(self, buffer: ChunkBuffer) -> None:
+        self.buffer = buffer
+        self.done = trio.Event()
+
+
+class FileState:
+    """The data of one open inode; see the module docstring for the protocol."""
+
+    def __init__(self, cache: DataCache, attr: Attr) -> None:
+        self.cache = cache
+        self.ino = attr.ino
+        self.size = attr.size
+        self.mtime_ns = attr.mtime_ns
+        self.chunk_size = 0
+        self.remote: dict[int, ChunkInfo] | None = None
+        self.dirty: dict[int, ChunkBuffer] = {}
+        self.uploading: dict[int, _Upload] = {}
+        self.pending: dict[int, ChunkInfo] = {}
+        self.writes = 0  # writes accepted so far
+        self.committed_writes = 0  # writes covered by the last commit
+        self.error: DfsError | None = None
+        self.error_reported = False  # `error` was raised to some caller (flush, write)
+        self.lock = trio.Lock()
+        self._map_lock = trio.Lock()
+
+    # --- state ----------------------------------------------------------------------------
+
+    @property
+    def has_local_changes(self) -> bool:
+        return (
+            self.writes != self.committed_writes
+            or bool(self.dirty)
+            or bool(self.uploading)
+            or bool(self.pending)
+        )
+
+    def local_attrs(self) -> tuple[int, int] | None:
+        """(size, mtime_ns) to report instead of the tracker's while writes are unflushed."""
+        return (self.size, self.mtime_ns) if self.has_local_changes else None
+
+    def adopt(self, attr: Attr) -> bool:
+        """Take the tracker's fresh `attr` (at open) unless writes are unflushed here.
+
+        Returns True if the file changed since this state last saw it; its chunk map is then
+        fetched again before the next read.
+        """
+        if self.has_local_changes or (attr.size, attr.mtime_ns) == (self.size, self.mtime_ns):
+            return False
+        self.size, self.mtime_ns = attr.size, attr.mtime_ns
+        self.remote = None
+        return True
+
+    def latest(self, index: int) -> ChunkInfo | None:
+        """The newest stored version of chunk `index` (None: a hole)."""
+        info = self.pending.get(index)
+        if info is None and self.remote is not None:
+            info = self.remote.get(index)
+        return info
+
+    async def ensure_map(self) -> None:
+        """Load the committed chunk map (and the file's chunk size) if not loaded."""
+        if self.remote is not None:
+            return
+        async with self._map_lock:
+            if self.remote is None:
+                await self._load_map()
+
+    async def _load_map(self) -> None:
+        chunks = await self.cache.client.get_chunks(self.ino)
+        if chunks.chunk_size <= 0:
+            raise Unavailable(
+                f"tracker reported chunk size {chunks.chunk_size} for inode {self.ino}"
+            )
+        self.chunk_size = chunks.chunk_size
+        self.remote = dict(chunks.chunks)
+        if not self.has_local_changes:
+            self.size = chunks.size
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            self.error_reported = True
+            raise _copy(self.error)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        self._raise_error()
+        if not data:
+            return
+        await self.ensure_map()
+        chunk_size = self.chunk_size
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
+            index, start = divmod(offset + pos, chunk_size)
+            take = min(len(view) - pos, chunk_size - start)
+            await self._write_piece(index, start, view[pos : pos + take])
+            pos += take
+        self.size = max(self.size, offset + len(view))
+        self.mtime_ns = time.time_ns()
+        self.writes += 1
+
+    async def _write_piece(self, index: int, start: int, data: memoryview) -> None:
+        budget = self.cache.budget
+        while True:
+            upload = self.uploading.get(index)
+            if upload is not None:
+                await upload.done.wait()
+                continue
+            self._raise_error()
+            buf = self.dirty.get(index)
+            growth = buf.growth(start, len(data)) if buf is not None else start + len(data)
+            if growth and not budget.try_acquire(growth):
+                self.cache.relieve_pressure(growth)
+                await budget.wait()
+                continue
+            # No await from here on: the buffer cannot move to `uploading` under us.
+            if buf is None:
+                buf = ChunkBuffer(index)
+                self.dirty[index] = buf
+                self.cache.register(self, buf)
+            buf.accounted += growth
+            buf.write(start, data)
+            if buf.is_full(self.chunk_size):
+                self.start_upload(buf)
+            return
+
+    def start_upload(self, buf: ChunkBuffer) -> None:
+        """Move `buf` from dirty to uploading and store it in the background."""
+        del self.dirty[buf.index]
+        self.cache.unregister(self, buf)
+        upload = _Upload(buf)
+        self.uploading[buf.index] = upload
+        self.cache.uploading_bytes += buf.accounted
+        self.cache.nursery.start_soon(self._upload, upload, name=f"upload {self.ino}:{buf.index}")
+
+    async def _upload(self, upload: _Upload) -> None:
+        buf = upload.buffer
+        accounted = buf.accounted
+        extra = 0
+        try:
+            base = self.latest(buf.index)
+            if base is not None and not buf.covers(0, min(base.length, self.chunk_size)):
+                stored = await self.cache.chunks.get(base)
+                before = len(buf.data)
+                buf.merge_base(memoryview(stored)[: base.length])
+                extra = len(buf.data) - before
+                self.cache.budget.charge(extra)
+            info = await self.cache.client.write_chunk(self.ino, buf.index, buf.data)
+            self.pending[buf.index] = info
+            self.cache.chunks.put(info, buf.data)
+        except DfsError as exc:
+            self._fail(buf.index, exc)
+        except Exception as exc:
+            log.exception("inode %d: uploading chunk %d failed", self.ino, buf.index)
+            self._fail(buf.index, Unavailable(f"upload failed: {exc!r}"))
+        finally:
+            del self.uploading[buf.index]
+            self.cache.uploading_bytes -= accounted
+            self.cache.budget.release(accounted + extra)
+            upload.done.set()
+
+    def _fail(self, index: int, exc: DfsError) -> None:
+        log.warning("inode %d: chunk %d could not be stored: %s", self.ino, index, exc)
+        if self.error is None:
+            self.error = exc
+
+    # --- flush and commit -----------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Store and commit every write made before this call; raise the upload error if any."""
+        async with self.lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
+        self._raise_error()
+        if not self.has_local_changes:
+            return
+        size, writes = self.size, self.writes
+        for buf in list(self.dirty.values()):
+            self.start_upload(buf)
+        for upload in list(self.uploading.values()):
+            await upload.done.wait()
+        self._raise_error()
+        chunks = sorted(self.pending.values(), key=lambda c: c.index)
+        # A chunk uploaded meanwhile for a racing write may reach past the snapshot's size.
+        for info in chunks:
+            size = max(size, min(self.size, info.index * self.chunk_size + info.length))
+        attr = await self.cache.client.commit(self.ino, size, chunks, self.mtime_ns)
+        for info in chunks:
+            if self.pending.get(info.index) is info:
+                del self.pending[info.index]
+            if self.remote is not None:
+                self.remote[info.index] = info
+        self.committed_writes = max(self.committed_writes, writes)
+        if not self.has_local_changes:
+            self.size, self.mtime_ns = attr.size, attr.mtime_ns
+
+    async def setattr(self, **fields: int | None) -> Attr:
+        """A tracker setattr that must not be overtaken by a later commit (size, times):
+        flush first, then apply it, then adjust the local view."""
+        async with self.lock:
+            for _ in range(FLUSH_ROUNDS):
+                if not self.has_local_changes:
+                    break
+                await self._flush_locked()
+            else:
+                if self.has_local_changes:
+                    log.warning("inode %d: writes kept racing with setattr", self.ino)
+            attr = await self.cache.client.setattr(self.ino, **fields)
+            size = fields.get("size_bytes")
+            if size is not None:
+                self._truncated(size)
+            if not self.has_local_changes:
+                self.size, self.mtime_ns = attr.size, attr.mtime_ns
+            return attr
+
+    def _truncated(self, size: int) -> None:
+        """Mirror the tracker's truncate in the chunk map: chunks past `size` are gone, the
+        one across it is shorter (reads as zeros past its new length)."""
+        self.size = size
+        if self.remote is None or not self.chunk_size:
+            return
+        for index, info in list(self.remote.items()):
+            start = index * self.chunk_size
+            if start >= size:
+                del self.remote[index]
+            elif start + info.length > size:
+                self.remote[index] = dataclasses.replace(info, length=size - start)
+
+    # --- reads ----------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int, *, sequential: bool) -> Readable:
+        await self.ensure_map()
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        chunk_size = self.chunk_size
+        if sequential:
+            self._readahead(end)
+        parts: list[Readable] = []
+        pos = offset
+        while pos < end:
+            index = pos // chunk_size
+            chunk_start = index * chunk_size
+            stop = min(end, chunk_start + chunk_size)
+            parts.append(await self._read_piece(index, pos - chunk_start, stop - chunk_start))
+            pos = stop
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _readahead(self, end: int) -> None:
+        chunk_size = self.chunk_size
+        count = max(1, min(READAHEAD_BYTES, self.cache.chunks.limit // 4) // chunk_size)
+        first = end // chunk_size
+        last_index = (self.size - 1) // chunk_size
+        for index in range(first, min(first + count, last_index) + 1):
+            if index in self.dirty or index in self.uploading:
+                continue
+            info = self.latest(index)
+            if info is not None:
+                self.cache.chunks.prefetch(info)
+
+    async def _read_piece(self, index: int, start: int, end: int) -> Readable:
+        try:
+            return await self._read_piece_once(index, start, end)
+        except Unavailable:
+            # The map may name keepers that died since; the tracker may know better ones.
+            before = self.latest(index)
+            async with self._map_lock:
+                await self._load_map()
+            if self.latest(index) == before:
+                raise
+            log.info("inode %d: chunk %d moved, reading it again", self.ino, index)
+            return await self._read_piece_once(index, start, end)
+
+    async def _read_piece_once(self, index: int, start: int, end: int) -> Readable:
+        buf = self.dirty.get(index)
+        if buf is None and index in self.uploading:
+            buf = self.uploading[index].buffer
+        info = self.latest(index)
+        if buf is not None:
+            if info is None or buf.covers(start, end):
+                return buf.read(start, end)
+            out = bytearray(end - start)
+            self._copy_stored(out, await self.cache.chunks.get(info), info, start)
+            buf.overlay(out, start)
+            return out
+        if info is None:
+            return bytes(end - start)
+        stored = await self.cache.chunks.get(info)
+        if end <= min(len(stored), info.length):
+            return memoryview(stored)[start:end]
+        out = bytearray(end - start)
+        self._copy_stored(out, stored, info, start)
+        return out
+
+    @staticmethod
+    def _copy_stored(
+        out: bytearray, stored: bytes | bytearray, info: ChunkInfo, start: int
+    ) -> None:
+        """Copy the stored bytes of `info` at [start, start+len(out)) into out; zeros past
+        the version's committed length."""
+        stop = min(start + len(out), len(stored), info.length)
+        if stop > start:
+            out[: stop - start] = memoryview(stored)[start:stop]
+
+
+class DataCache:
+    """Mount-wide data state: the FileStates, the dirty budget, the read cache."""
+
+    def __init__(
+        self, client: Client, nursery: trio.Nursery, *, dirty_bytes: int, cache_bytes: int
+    ) -> None:
+        self.client = client
+        self.nursery = nursery
+        self.budget = DirtyBudget(dirty_bytes)
+        self.chunks = ChunkCache(client, nursery, cache_bytes)
+        self.files: dict[int, FileState] = {}
+        self.uploading_bytes = 0
+        # Dirty buffers, oldest first: what `relieve_pressure` uploads.
+        self._order: dict[tuple[int, int], tuple[FileState, ChunkBuffer]] = {}
+
+    def open_state(self, attr: Attr) -> FileState:
+        state = self.files.get(attr.ino)
+        if state is None:
+            state = self.files[attr.ino] = FileState(self, attr)
+        return state
+
+    def local_attrs(self, ino: int) -> tuple[int, int] | None:
+        state = self.files.get(ino)
+        return state.local_attrs() if state is not None else None
+
+    def drop(self, ino: int) -> None:
+        """Forget an inode's state after its last release (anything unflushed is lost: the
+        release already tried to flush and logged why it could not)."""
+        state = self.files.pop(ino, None)
+        if state is None:
+            return
+        for buf in list(state.dirty.values()):
+            self.unregister(state, buf)
+            self.budget.release(buf.accounted)
+        state.dirty.clear()
+
+    def register(self, state: FileState, buf: ChunkBuffer) -> None:
+        self._order[(state.ino, buf.index)] = (state, buf)
+
+    def unregister(self, state: FileState, buf: ChunkBuffer) -> None:
+        self._order.pop((state.ino, buf.index), None)
+
+    def relieve_pressure(self, needed: int) -> None:
+        """A writer needs `needed` bytes the budget does not have: unless running uploads will
+        free that much, upload the oldest dirty buffers (partial ones too)."""
+        deficit = needed - self.uploading_bytes
+        for state, buf in list(self._order.values()):
+            if deficit <= 0:
+                break
+            if state.dirty.get(buf.index) is buf:
+                deficit -= buf.accounted
+                state.start_upload(buf)
+
+    async def flush_all(self) -> None:
+        """Flush every open file (shutdown); failures are logged, not raised."""
+        for state in list(self.files.values()):
+            try:
+                await state.flush()
+            except DfsError as exc:
+                log.warning("inode %d: unflushed data lost at shutdown: %s", state.ino, exc)

@@ -1,0 +1,288 @@
+"""dfs-mount: mount a dfs cluster with FUSE.
+
+    dfs-mount MOUNTPOINT --tracker HOST:PORT [--foreground] [-o opt,opt] [--config FILE]
+              [--log-level L] [--dirty-mb N] [--cache-mb N] [--transfers N] ...
+
+Without `--foreground` the command starts itself again as a detached child with
+`--foreground` and returns only once the mount is ready (exit 0), or prints the child's error
+and exits non-zero: scripts can use the mount as soon as the command returns.
+
+Lifecycle of the foreground process: check the mountpoint, /dev/fuse and fusermount3, check
+that the tracker answers (a getattr of the root within TRACKER_CHECK_S), `pyfuse3.init`
+(mounts), print the ready line, serve until the kernel ends the session (`fusermount3 -u`,
+`umount`) or SIGINT/SIGTERM (flush every open file for at most SHUTDOWN_FLUSH_S, then
+`pyfuse3.terminate()`), then unmount (`pyfuse3.close()`), flush what is left and release the
+files this mount held open on the tracker.
+
+User errors are one line on stderr, no traceback (`MountError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pyfuse3
+import trio
+
+from cluster import config
+from cluster.auth import Credentials, SecretError
+from cluster.client import ROOT_INO, Client
+from cluster.errors import AuthFailed, DfsError
+from cluster.logs import setup_logging
+from dfsmount.fs import Operations
+
+log = logging.getLogger(__name__)
+
+PROG = "dfs-mount"
+READY_PREFIX = f"{PROG}: mounted "
+# How long the tracker may take to answer the check before mounting.
+TRACKER_CHECK_S = 5.0
+# How long a detached start waits for its child to be mounted.
+READY_TIMEOUT_S = 60.0
+# Bound on flushing open files at SIGINT/SIGTERM and after unmount.
+SHUTDOWN_FLUSH_S = 60.0
+# Set in the environment of the detached child: it silences its stderr once ready, so that the
+# parent (and whoever reads the parent's stderr through a pipe) sees end-of-file.
+DETACHED_ENV = "DFS_MOUNT_DETACHED"
+DEFAULT_OPTIONS = {"fsname": "dfs", "subtype": "dfs", "default_permissions": None}
+
+
+class MountError(Exception):
+    """A problem the user must fix; reported as one line without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Mount a dfs cluster with FUSE.")
+    parser.add_argument("mountpoint", help="an empty directory")
+    parser.add_argument(
+        "-f", "--foreground", action="store_true", help="stay in the foreground (for systemd)"
+    )
+    parser.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPT[,OPT...]",
+        help="FUSE mount options, e.g. allow_other",
+    )
+    return parser
+
+
+def mount_options(given: Sequence[str]) -> set[str]:
+    """Our defaults (fsname=dfs, subtype=dfs, default_permissions) plus the user's -o options;
+    a user's key=value replaces our default for that key."""
+    options: dict[str, str | None] = dict(DEFAULT_OPTIONS)
+    for group in given:
+        for option in group.split(","):
+            option = option.strip()
+            if not option:
+                continue
+            key, sep, value = option.partition("=")
+            options[key] = value if sep else None
+    return {key if value is None else f"{key}={value}" for key, value in options.items()}
+
+
+def check_mountpoint(path: str) -> str:
+    mountpoint = os.path.abspath(path)
+    try:
+        if not os.path.isdir(mountpoint):
+            if os.path.exists(mountpoint):
+                raise MountError(f"mountpoint {mountpoint} is not a directory")
+            raise MountError(f"mountpoint {mountpoint} does not exist")
+        if os.path.ismount(mountpoint):
+            raise MountError(f"{mountpoint} is already a mount point")
+        if os.listdir(mountpoint):
+            raise MountError(f"mountpoint {mountpoint} is not empty")
+    except OSError as exc:
+        raise MountError(
+            f"mountpoint {mountpoint} is not usable ({exc.strerror}); if a dead mount is there, "
+            f"run: fusermount3 -u {mountpoint}"
+        ) from None
+    return mountpoint
+
+
+def check_fuse() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing (load the fuse kernel module: modprobe fuse)")
+    if shutil.which("fusermount3") is None:
+        raise MountError("fusermount3 is not installed (install the fuse3 package)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, settings = config.parse(build_parser(), "mount", argv)
+    setup_logging(settings["log_level"], PROG)
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1` dumps every thread's stack
+    try:
+        options = mount_options(args.options)
+        mountpoint = check_mountpoint(args.mountpoint)
+        check_fuse()
+        credentials = load_credentials(settings)
+        if not args.foreground:
+            return start_detached(argv, mountpoint)
+        return trio.run(serve, mountpoint, settings, options, credentials)
+    except MountError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+def start_detached(argv: list[str], mountpoint: str) -> int:
+    """Run ourselves with --foreground in a new session; return once it is mounted."""
+    env = dict(os.environ, **{DETACHED_ENV: "1"})
+    child = subprocess.Popen(
+        [sys.executable, "-m", "dfsmount.cli", *argv, "--foreground"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    assert child.stderr is not None
+    output: list[str] = []
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    pending = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            child.kill()
+            child.wait()
+            raise MountError(
+                f"the mount at {mountpoint} was not ready within {READY_TIMEOUT_S:g} s"
+            )
+        readable, _, _ = select.select([child.stderr], [], [], left)
+        if not readable:
+            continue
+        data = os.read(child.stderr.fileno(), 65536)
+        if not data:
+            break
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            if line.startswith(READY_PREFIX):
+                child.stderr.close()
+                wait_until_mounted(mountpoint, child)
+                print(line, file=sys.stderr, flush=True)
+                return 0
+            output.append(line)
+    if pending:
+        output.append(pending.decode(errors="replace"))
+    code = child.wait()
+    for line in output:
+        print(line, file=sys.stderr)
+    return code or 1
+
+
+def wait_until_mounted(mountpoint: str, child: subprocess.Popen[Any]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not os.path.ismount(mountpoint):
+        if child.poll() is not None:
+            raise MountError(f"the mount process exited with status {child.returncode}")
+        if time.monotonic() > deadline:
+            raise MountError(f"{mountpoint} did not become a mount point")
+        time.sleep(0.05)
+
+
+def load_credentials(settings: dict[str, Any]) -> Credentials:
+    try:
+        return Credentials.from_settings(settings)
+    except (SecretError, OSError) as exc:  # OSError: an unreadable TLS CA file
+        raise MountError(str(exc)) from None
+
+
+async def check_tracker(client: Client, tracker: str) -> None:
+    try:
+        with trio.fail_after(TRACKER_CHECK_S):
+            await client.getattr(ROOT_INO)
+    except trio.TooSlowError:
+        raise MountError(
+            f"cannot reach the tracker at {tracker} (no answer within {TRACKER_CHECK_S:g} s)"
+        ) from None
+    except AuthFailed as exc:
+        raise MountError(f"the tracker at {tracker} refused this mount: {exc}") from None
+    except DfsError as exc:
+        raise MountError(f"cannot reach the tracker at {tracker}: {exc}") from None
+
+
+async def serve(
+    mountpoint: str, settings: dict[str, Any], options: set[str], credentials: Credentials
+) -> int:
+    tracker = settings["tracker"]
+    async with Client.connect(
+        tracker,
+        credentials,
+        transfers=settings["transfers"],
+        retry_window_s=settings["retry_window_s"],
+        io_timeout_s=settings["io_timeout_s"],
+    ) as client:
+        try:
+            await check_tracker(client, tracker)
+        except MountError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
+            return 1
+        async with trio.open_nursery() as nursery:
+            ops = Operations(
+                client,
+                nursery,
+                dirty_bytes=settings["dirty_mb"] << 20,
+                cache_bytes=settings["cache_mb"] << 20,
+            )
+            try:
+                pyfuse3.init(ops, mountpoint, options)
+            except RuntimeError as exc:
+                print(f"{PROG}: cannot mount at {mountpoint}: {exc}", file=sys.stderr, flush=True)
+                nursery.cancel_scope.cancel()
+                return 1
+            try:
+                await nursery.start(watch_signals, ops)
+                log.info(
+                    "mounted %s at %s (options %s)", tracker, mountpoint, ",".join(sorted(options))
+                )
+                print(f"{READY_PREFIX}{tracker} at {mountpoint}", file=sys.stderr, flush=True)
+                if os.environ.get(DETACHED_ENV):
+                    _silence_stderr()
+                await pyfuse3.main()
+                log.info("the kernel ended the session; shutting down")
+            finally:
+                pyfuse3.close(unmount=True)
+                with trio.move_on_after(SHUTDOWN_FLUSH_S, shield=True) as scope:
+                    await ops.shutdown()
+                if scope.cancelled_caught:
+                    log.warning("shutdown flush gave up after %g s", SHUTDOWN_FLUSH_S)
+                nursery.cancel_scope.cancel()
+    return 0
+
+
+async def watch_signals(ops: Operations, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """SIGINT/SIGTERM: flush every open file (bounded), then end the FUSE session."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("%s: flushing open files and unmounting", signal.Signals(signum).name)
+            with trio.move_on_after(SHUTDOWN_FLUSH_S):
+                await ops.data.flush_all()
+            pyfuse3.terminate()
+            return
+
+
+def _silence_stderr() -> None:
+    """Detached child: our parent has read the ready line and gone; keep logging harmless."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""What the kernel knows about our inodes: lookup counts and the attributes last reported.
+
+Lookup counts follow pyfuse3's contract (`developer-notes/lookup_counts.rst`): lookup, mknod,
+mkdir, create, symlink and link add one; a readdirplus entry adds one only when
+`readdir_reply` returned True; `forget` takes them away and never raises. Deletion itself is
+not ours to defer: the tracker keeps an unlinked inode while this mount holds it open
+(`Client.open_file`), so a count reaching zero only drops what we remember about the inode.
+
+Attributes are never cached for long, on either side: the kernel gets `ENTRY_TIMEOUT_S` and
+`ATTR_TIMEOUT_S` of one second so that a change made on another mount shows within a second,
+and `open` always asks the tracker (close-to-open). What matters is remembering what we last
+*told* the kernel (`reported`): with libfuse's default `auto_inval_data`, the kernel drops an
+inode's page cache whenever it sees its size or mtime change, so the page cache always matches
+the last reported (size, mtime). `open` compares that with the tracker's fresh attributes to
+decide whether the kernel may keep its page cache (`FileInfo.keep_cache`).
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+
+import pyfuse3
+
+from cluster.client import Attr
+
+log = logging.getLogger(__name__)
+
+ENTRY_TIMEOUT_S = 1.0
+ATTR_TIMEOUT_S = 1.0
+# st_blksize: `cp` and friends size their writes by it, and FUSE requests of 1 MiB (or the
+# kernel's 128 KiB split of them) are far cheaper per byte than 4 KiB ones.
+BLKSIZE = 1 << 20
+
+
+def entry_attributes(
+    attr: Attr, size: int | None = None, mtime_ns: int | None = None
+) -> pyfuse3.EntryAttributes:
+    """The kernel's view of `attr`, with this mount's unflushed size and mtime if given."""
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = pyfuse3.InodeT(attr.ino)
+    entry.generation = attr.generation
+    entry.entry_timeout = ENTRY_TIMEOUT_S
+    entry.attr_timeout = ATTR_TIMEOUT_S
+    entry.st_mode = pyfuse3.ModeT(attr.mode)
+    entry.st_nlink = attr.nlink
+    entry.st_uid = attr.uid
+    entry.st_gid = attr.gid
+    entry.st_rdev = attr.rdev
+    entry.st_size = attr.size if size is None else size
+    entry.st_blksize = BLKSIZE
+    entry.st_blocks = (entry.st_size + 511) // 512 if stat.S_ISREG(attr.mode) else 0
+    entry.st_atime_ns = attr.atime_ns
+    entry.st_mtime_ns = attr.mtime_ns if mtime_ns is None else mtime_ns
+    entry.st_ctime_ns = (
+        max(attr.ctime_ns, entry.st_mtime_ns) if mtime_ns is not None else attr.ctime_ns
+    )
+    return entry
+
+
+class InodeTable:
+    """Lookup counts and last-reported (size, mtime) per inode; touched only from the trio
+    thread and without awaits, so every method is atomic with respect to other handlers."""
+
+    def __init__(self) -> None:
+        self.lookups: dict[int, int] = {}
+        self.reported: dict[int, tuple[int, int]] = {}
+
+    def entry(
+        self,
+        attr: Attr,
+        *,
+        lookup: bool,
+        local: tuple[int, int] | None = None,
+    ) -> pyfuse3.EntryAttributes:
+        """Build the reply for `attr`; count a lookup if the reply hands the kernel a reference.
+
+        `local` is this mount's (size, mtime_ns) of a file with unflushed writes.
+        """
+        size, mtime_ns = local if local is not None else (None, None)
+        entry = entry_attributes(attr, size, mtime_ns)
+        if lookup:
+            self.add_lookup(attr.ino)
+        if attr.is_file:
+            self.reported[attr.ino] = (entry.st_size, entry.st_mtime_ns)
+        return entry
+
+    def add_lookup(self, ino: int, count: int = 1) -> None:
+        self.lookups[ino] = self.lookups.get(ino, 0) + count
+
+    def forget(self, ino: int, count: int) -> None:
+        """Drop `count` references; never raises (pyfuse3 calls it outside any request)."""
+        left = self.lookups.get(ino, 0) - count
+        if left > 0:
+            self.lookups[ino] = left
+            return
+        if left < 0:
+            log.debug("inode %d forgotten more often than looked up (%d)", ino, left)
+        self.lookups.pop(ino, None)
+        self.reported.pop(ino, None)
+
+    def page_cache_valid(self, attr: Attr) -> bool:
+        """True when the kernel's cached pages of `attr.ino` match the tracker's `attr`."""
+        return self.reported.get(attr.ino) == (attr.size, attr.mtime_ns)
+
+    def note_reported(self, ino: int, size: int, mtime_ns: int) -> None:
+        self.reported[ino] = (size, mtime_ns)
