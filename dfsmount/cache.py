@@ -411,6 +411,17 @@ class DataCache:
             self.unregister(state, buf)
             self.budget.release(buf.accounted)
         state.dirty.clear()
+        if state.pending:
+            # Stored but never to be committed: free the keepers' space now, not after the
+            # tracker's garbage grace period.
+            self.nursery.start_soon(self._abandon, list(state.pending.values()))
+            state.pending.clear()
+
+    async def _abandon(self, chunks: list[ChunkInfo]) -> None:
+        try:
+            await self.client.abandon(chunks)
+        except DfsError as exc:
+            log.info("could not give back %d unused chunks: %s", len(chunks), exc)
 
     def register(self, state: FileState, buf: ChunkBuffer) -> None:
         self._order[(state.ino, buf.index)] = (state, buf)

@@ -40,6 +40,7 @@ from cluster.auth import Credentials, SecretError
 from cluster.client import ROOT_INO, Client
 from cluster.errors import AuthFailed, DfsError
 from cluster.logs import setup_logging
+from cluster.notify import notify
 from dfsmount.fs import Operations
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,7 @@ async def serve(
                     "mounted %s at %s (options %s)", tracker, mountpoint, ",".join(sorted(options))
                 )
                 print(f"{READY_PREFIX}{tracker} at {mountpoint}", file=sys.stderr, flush=True)
+                notify("READY=1")  # systemd (Type=notify): the mount point is live
                 if os.environ.get(DETACHED_ENV):
                     _silence_stderr()
                 await pyfuse3.main()
@@ -271,6 +273,7 @@ async def watch_signals(ops: Operations, *, task_status: Any = trio.TASK_STATUS_
         task_status.started()
         async for signum in signals:
             log.info("%s: flushing open files and unmounting", signal.Signals(signum).name)
+            notify("STOPPING=1")
             with trio.move_on_after(SHUTDOWN_FLUSH_S):
                 await ops.data.flush_all()
             pyfuse3.terminate()
