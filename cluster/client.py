@@ -239,6 +239,24 @@ class Client:
     ) -> Attr:
         return await self.mknod(parent, name, stat_mod.S_IFDIR | (mode & 0o7777), uid, gid)
 
+    async def create(
+        self, parent: int, name: bytes, mode: int, uid: int = 0, gid: int = 0
+    ) -> tuple[Attr, int]:
+        """Create a regular file and open it for this session in one trip (as `mknod` and
+        `open_file`); returns its attributes and chunk size. Release it with `release_file`."""
+        reply = await self._tracker(
+            m.MakeNode(
+                parent=parent,
+                name=name,
+                mode=stat_mod.S_IFREG | (mode & 0o7777),
+                uid=uid,
+                gid=gid,
+                session=self.session,
+            ),
+            m.AttrReply,
+        )
+        return Attr.from_wire(reply.attr), reply.chunk_size_bytes
+
     async def symlink(
         self, parent: int, name: bytes, target: bytes, uid: int = 0, gid: int = 0
     ) -> Attr:

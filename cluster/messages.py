@@ -292,7 +292,8 @@ class ReadDir(Message):
 @message
 @dataclass(frozen=True, slots=True)
 class MakeNode(Message):
-    """Create a file, directory, FIFO or device node; `mode` includes the file type bits."""
+    """Create a file, directory, FIFO or device node; `mode` includes the file type bits.
+    With a `session`, a new regular file is also opened for it (OpenFile in the same trip)."""
 
     TYPE = MsgType.MAKE_NODE
     parent: int
@@ -301,6 +302,7 @@ class MakeNode(Message):
     uid: int
     gid: int
     rdev: int = 0
+    session: str = ""
 
 
 @message
@@ -389,8 +391,11 @@ class StatFs(Message):
 @message
 @dataclass(frozen=True, slots=True)
 class AttrReply(Message):
+    """`chunk_size_bytes` is set for regular files created or opened (0 otherwise)."""
+
     TYPE = MsgType.ATTR_REPLY
     attr: AttrList
+    chunk_size_bytes: int = 0
 
 
 @message

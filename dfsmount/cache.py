@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -258,6 +259,7 @@ class FileState:
         for info in chunks:
             size = max(size, min(self.size, info.index * self.chunk_size + info.length))
         attr = await self.cache.client.commit(self.ino, size, chunks, self.mtime_ns)
+        self.cache.on_commit(attr)
         for info in chunks:
             if self.pending.get(info.index) is info:
                 del self.pending[info.index]
@@ -388,6 +390,8 @@ class DataCache:
         self.chunks = ChunkCache(client, nursery, cache_bytes)
         self.files: dict[int, FileState] = {}
         self.uploading_bytes = 0
+        # Told the tracker's attributes after each commit (the mount's attribute cache).
+        self.on_commit: Callable[[Attr], object] = lambda attr: None
         # Dirty buffers, oldest first: what `relieve_pressure` uploads.
         self._order: dict[tuple[int, int], tuple[FileState, ChunkBuffer]] = {}
 

@@ -28,7 +28,7 @@ from cluster.client import Attr, Client, DirEntry
 from cluster.errors import DfsError
 from dfsmount.cache import DataCache, FileState
 from dfsmount.handles import HandleTable, OpenDir
-from dfsmount.inodes import InodeTable, entry_attributes
+from dfsmount.inodes import AttrCache, InodeTable, entry_attributes
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,14 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.client = client
         self.inodes = InodeTable()
+        self.attrs = AttrCache()
         self.handles = HandleTable()
         self.data = DataCache(client, nursery, dirty_bytes=dirty_bytes, cache_bytes=cache_bytes)
+        self.data.on_commit = self.attrs.put
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
 
     def _reply(self, attr: Attr, *, lookup: bool) -> pyfuse3.EntryAttributes:
+        self.attrs.put(attr)
         return self.inodes.entry(attr, lookup=lookup, local=self.data.local_attrs(attr.ino))
 
     # --- names and attributes -------------------------------------------------------------
@@ -112,7 +115,8 @@ class Operations(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         log.debug("getattr %d", inode)
-        return self._reply(await self.client.getattr(inode), lookup=False)
+        attr = self.attrs.get(inode) or await self.client.getattr(inode)
+        return self._reply(attr, lookup=False)
 
     @fuse_op
     async def setattr(
@@ -166,6 +170,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         log.debug("mknod %d %r %o", parent_inode, name, mode)
         attr = await self.client.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev)
+        self.attrs.clear()
         return self._reply(attr, lookup=True)
 
     @fuse_op
@@ -178,6 +183,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         log.debug("mkdir %d %r %o", parent_inode, name, mode)
         attr = await self.client.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid)
+        self.attrs.clear()
         return self._reply(attr, lookup=True)
 
     @fuse_op
@@ -185,14 +191,18 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> None:
         log.debug("unlink %d %r", parent_inode, name)
+        self.attrs.clear()
         await self.client.unlink(parent_inode, name)
+        self.attrs.clear()
 
     @fuse_op
     async def rmdir(
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> None:
         log.debug("rmdir %d %r", parent_inode, name)
+        self.attrs.clear()
         await self.client.rmdir(parent_inode, name)
+        self.attrs.clear()
 
     @fuse_op
     async def symlink(
@@ -204,6 +214,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         log.debug("symlink %d %r -> %r", parent_inode, name, target)
         attr = await self.client.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
+        self.attrs.clear()
         return self._reply(attr, lookup=True)
 
     @fuse_op
@@ -225,7 +236,9 @@ class Operations(pyfuse3.Operations):
             flags,
         )
         # pyfuse3's RENAME_NOREPLACE (1) and RENAME_EXCHANGE (2) are the client's flags too.
+        self.attrs.clear()
         await self.client.rename(parent_inode_old, name_old, parent_inode_new, name_new, int(flags))
+        self.attrs.clear()
 
     @fuse_op
     async def link(
@@ -237,6 +250,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         log.debug("link %d -> %d %r", inode, new_parent_inode, new_name)
         attr = await self.client.link(inode, new_parent_inode, new_name)
+        self.attrs.clear()
         return self._reply(attr, lookup=True)
 
     @fuse_op
@@ -257,7 +271,9 @@ class Operations(pyfuse3.Operations):
 
     # --- files ----------------------------------------------------------------------------
 
-    async def _open(self, ino: int, flags: int, attr: Attr | None) -> tuple[FileState, int, bool]:
+    async def _open(
+        self, ino: int, flags: int, attr: Attr | None, created_chunk_size: int = 0
+    ) -> tuple[FileState, int, bool]:
         """Open `ino` on the tracker (fresh attrs: close-to-open) and add a handle.
 
         The tracker counts opens per session, so every handle holds one open of its own,
@@ -265,11 +281,18 @@ class Operations(pyfuse3.Operations):
         keep its page cache (`attr` is given for a file just created: nothing is cached).
         """
         async with self.handles.inode_lock(ino):
-            fresh = await self.client.open_file(ino)
+            if created_chunk_size and attr is not None:
+                fresh = attr  # created and opened on the tracker in one trip
+            else:
+                fresh = await self.client.open_file(ino)
+            self.attrs.put(fresh)  # close-to-open: later getattrs must not see older attrs
             try:
                 if not self.handles.is_open(ino):
                     keep = attr is not None or self.inodes.page_cache_valid(fresh)
                     state = self.data.open_state(fresh)
+                    if created_chunk_size and state.remote is None:
+                        state.chunk_size = created_chunk_size
+                        state.remote = {}
                 else:
                     state = self.data.open_state(fresh)
                     keep = not state.adopt(fresh)
@@ -312,8 +335,11 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         log.debug("create %d %r %o", parent_inode, name, mode)
         mode = pyfuse3.ModeT(stat.S_IFREG | stat.S_IMODE(mode))
-        attr = await self.client.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, 0)
-        _, fh, _ = await self._open(attr.ino, flags, attr)
+        # One tracker trip creates and opens the file, and tells its chunk size: a new file
+        # has no chunks, so nothing else needs asking before the first write.
+        attr, chunk_size = await self.client.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+        self.attrs.clear()
+        _, fh, _ = await self._open(attr.ino, flags, attr, created_chunk_size=chunk_size)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), self._reply(
             attr, lookup=True
         )

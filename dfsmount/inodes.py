@@ -21,6 +21,7 @@ import logging
 import stat
 
 import pyfuse3
+import trio
 
 from cluster.client import Attr
 
@@ -56,6 +57,34 @@ def entry_attributes(
         max(attr.ctime_ns, entry.st_mtime_ns) if mtime_ns is not None else attr.ctime_ns
     )
     return entry
+
+
+class AttrCache:
+    """Attributes from the tracker, reused for ATTR_TIMEOUT_S.
+
+    The kernel itself may keep attributes that long, so reusing them here loses no
+    consistency, and it saves the tracker round trip that follows every write (the kernel
+    drops its cached attributes after a write and asks again). Whatever this mount changes in
+    the namespace clears the cache; a commit or a setattr stores the tracker's new answer.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Attr, float]] = {}
+
+    def get(self, ino: int) -> Attr | None:
+        entry = self._entries.get(ino)
+        if entry is None or entry[1] < trio.current_time():
+            return None
+        return entry[0]
+
+    def put(self, attr: Attr) -> Attr:
+        self._entries[attr.ino] = (attr, trio.current_time() + ATTR_TIMEOUT_S)
+        if len(self._entries) > 100_000:
+            self._entries.clear()  # a bound, not a policy: entries are short-lived anyway
+        return attr
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 class InodeTable:

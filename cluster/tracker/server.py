@@ -9,6 +9,7 @@ chunks and leave with their next heartbeat reply.
 from __future__ import annotations
 
 import logging
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -181,7 +182,12 @@ class Tracker:
 
     async def make_node(self, msg: m.MakeNode, peer: str) -> m.Message:
         inode = self.namespace.make_node(msg.parent, msg.name, msg.mode, msg.uid, msg.gid, msg.rdev)
-        return m.AttrReply(attr=inode.as_list())
+        if not (msg.session and stat.S_ISREG(inode.mode)):
+            return m.AttrReply(attr=inode.as_list())
+        self.namespace.open(inode.ino, msg.session)
+        return m.AttrReply(
+            attr=inode.as_list(), chunk_size_bytes=inode.chunk_size or self.chunk_size
+        )
 
     async def symlink(self, msg: m.Symlink, peer: str) -> m.Message:
         inode = self.namespace.symlink(msg.parent, msg.name, msg.target, msg.uid, msg.gid)
@@ -211,7 +217,10 @@ class Tracker:
         return m.OkReply()
 
     async def open_file(self, msg: m.OpenFile, peer: str) -> m.Message:
-        return m.AttrReply(attr=self.namespace.open(msg.ino, msg.session).as_list())
+        inode = self.namespace.open(msg.ino, msg.session)
+        return m.AttrReply(
+            attr=inode.as_list(), chunk_size_bytes=inode.chunk_size or self.chunk_size
+        )
 
     async def release_file(self, msg: m.ReleaseFile, peer: str) -> m.Message:
         self._removed(self.namespace.release(msg.ino, msg.session))
