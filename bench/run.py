@@ -1,11 +1,49 @@
-"""`make bench`: dfs against a local ext4 directory, measured in the same run.
+"""`make bench`: dfs against its ceiling and against ext4, all measured in the same run.
 
-Starts a local cluster (three keepers, replication as given) in a scratch directory on the
-same disk, then times each workload on dfs and on the local reference, and prints one table
-with each figure and its ratio to the reference; the same goes to a JSON file. Absolute
-figures drift on shared machines; the ratios are what to compare between runs.
+    python -m bench.run [--quick | --scale F] [--size-mb N] [--files N] [--creates N]
+                        [--namespace-files N] [--memfs-writeback] [--json PATH]
 
-    python -m bench.run [--size-mb 1024] [--replication 2] [--json bench/results/last.json]
+What it does: starts a local cluster (a tracker and three keepers, replication 2, otherwise
+default settings) with its data in a scratch directory under /var/tmp, mounts it with
+`dfs-mount`, mounts `bench.memfs` (a minimal in-memory pyfuse3 filesystem), and runs the same
+workload on three targets, one after the other: a plain directory on the local ext4 disk that
+also holds the keepers' data, memfs, and the dfs mount. Then it puts and gets the big file with the
+`dfs` CLI, reads the peak RSS of dfs-mount and of every daemon, and, with
+`--namespace-files N`, measures the tracker's create and lookup rates with N files
+(`bench.namespace`).
+
+Why three targets: absolute figures drift on shared machines, so each dfs figure is quoted as a
+fraction of figures taken in the same run. memfs is the ceiling of any Python FUSE filesystem on
+this machine (same pyfuse3 + trio stack, same mount options, no network, no disk): dfs/memfs is
+what dfs's own work costs. ext4 is what users compare with: dfs/ext4 is what they notice.
+
+The workload (sizes for the full run; `--quick` divides them by 16, `--scale` by anything):
+- `cp` of a 1 GiB file of random bytes into the target, then `sync` (MB/s, 1 MB = 10^6 bytes);
+  the source is read once beforehand so that its disk does not count;
+- `cat` of it to /dev/null (MB/s), then (untimed) `cmp` with the source; dfs-mount is
+  restarted before the `cat`, since it keeps the chunks it just uploaded in its read cache;
+- `cp -r` of a tree of 2,000 files of 4 KiB (20 directories of 100), then `sync` (files/s);
+- `ls -lR` of that tree, `tar c` of it (piped through `cat`, as GNU tar skips reading files it
+  would write to /dev/null) and `rm -rf` of it (seconds);
+- 5,000 empty files created in one directory (os.open + os.close), then stat-ed, then unlinked,
+  one at a time (`bench.fileops`, ops/s);
+- `dfs put` and `dfs get` of the big file (MB/s; the other columns repeat cp and cat);
+- dfs-mount's peak RSS while the big file is copied in and read back (the larger of the two
+  mount processes' peaks), and each keeper's and the tracker's peak RSS over the whole run
+  (MiB, from VmHWM in /proc/PID/status).
+
+The phases that follow a write (cat, ls, tar, rm, stat, unlink) start from a cold cache: `sync`
+and `echo 3 > /proc/sys/vm/drop_caches` (as root; otherwise the JSON says `cold_cache: false`).
+That empties the kernel's page, dentry and inode caches for every target, and the keepers' page
+cache too; memfs keeps its data in its own memory, which is the point of a ceiling.
+
+Output: one table on stdout (each row: dfs, memfs, ext4, dfs/memfs, dfs/ext4; a fraction
+below 1 means dfs is slower, also for rows measured in seconds or MiB, where it is the
+reference divided by dfs), and the same as JSON (default bench/results/last.json).
+
+Every phase has a deadline (`--phase-timeout`, or one derived from its size); whatever happens,
+including Ctrl-C or SIGTERM, everything is unmounted and every process this started is stopped
+by PID, and the scratch directory is removed (unless `--keep`, or if an unmount failed).
 """
 
 from __future__ import annotations
@@ -13,111 +51,638 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
+from bench.procs import (
+    BenchError,
+    FuseMount,
+    MiB,
+    drop_caches,
+    fstype,
+    mounts_under,
+    peak_rss_mib,
+    reset_peak_rss,
+    run_bounded,
+    shell,
+)
 from tests.cluster_procs import ProcCluster
-from tests.conftest import random_file
 
-MiB = 1 << 20
+BIN = Path(sys.executable).parent
+MB = 1_000_000
+KEEPERS = 3
+REPLICATION = 2
+# The cluster's defaults (README, Configuration).
+CHUNK_SIZE = 8 * MiB
+HEARTBEAT_S = 2.0
+DEAD_AFTER_S = 30.0
+QUICK_SCALE = 1 / 16
+FILES_PER_DIR = 100
+# Derived phase deadlines: a floor, plus the work at a rate far below anything acceptable.
+DEADLINE_FLOOR_S = 60.0
+DEADLINE_BYTES_PER_S = 4 * MB
+DEADLINE_OPS_PER_S = 40.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    big_bytes: int = 1024 * MiB
+    files: int = 2000
+    file_bytes: int = 4096
+    creates: int = 5000
+
+    def scaled(self, scale: float) -> Sizes:
+        return Sizes(
+            big_bytes=max(1, round(self.big_bytes / MiB * scale)) * MiB,
+            files=max(10, round(self.files * scale)),
+            file_bytes=self.file_bytes,
+            creates=max(10, round(self.creates * scale)),
+        )
+
+    @property
+    def big_label(self) -> str:
+        mib = self.big_bytes // MiB
+        return f"{mib // 1024} GiB" if mib % 1024 == 0 else f"{mib} MiB"
 
 
 @dataclass
 class Row:
+    key: str
     workload: str
     unit: str
+    higher_is_better: bool
     dfs: float
-    reference: float
-    reference_name: str
+    memfs: float | None = None
+    ext4: float | None = None
+    note: str = ""
+
+    def fraction(self, reference: float | None) -> float | None:
+        """dfs as a fraction of `reference`, in the direction where below 1 is worse."""
+        if reference is None or reference <= 0 or self.dfs <= 0:
+            return None
+        return self.dfs / reference if self.higher_is_better else reference / self.dfs
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {
+            "dfs_vs_memfs": self.fraction(self.memfs),
+            "dfs_vs_ext4": self.fraction(self.ext4),
+        }
+
+
+Hook = Callable[[], None]
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass
+class Hooks:
+    """What a target needs done around the big-file phases (dfs: RSS and a fresh mount)."""
+
+    before_cp: Hook = _nothing
+    before_cat: Hook = _nothing
+    after_cat: Hook = _nothing
+
+
+@dataclass
+class Bench:
+    """One run: the sources, the targets in order, what to undo, and the figures."""
+
+    args: argparse.Namespace
+    sizes: Sizes
+    scratch: Path
+    cleanups: list[tuple[str, Hook]] = field(default_factory=list)
+    cold_cache: bool = True
+    cluster: ProcCluster | None = None
+    mounts: list[FuseMount] = field(default_factory=list)
+    results: dict[str, dict[str, float]] = field(default_factory=dict)
+    rss: dict[str, float] = field(default_factory=dict)
+    namespace: dict[str, float] | None = None
+    phase: str = "setup"
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def deadline(self, nbytes: int = 0, ops: int = 0) -> float:
+        if self.args.phase_timeout:
+            return float(self.args.phase_timeout)
+        return DEADLINE_FLOOR_S + nbytes / DEADLINE_BYTES_PER_S + ops / DEADLINE_OPS_PER_S
+
+    def cold(self) -> None:
+        if not drop_caches():
+            self.cold_cache = False
+
+    def say(self, message: str) -> None:
+        print(f"bench: {message}", file=sys.stderr, flush=True)
 
     @property
-    def ratio(self) -> float:
-        return self.dfs / self.reference if self.reference else 0.0
+    def source(self) -> Path:
+        return self.scratch / "src" / "big"
 
+    @property
+    def source_tree(self) -> Path:
+        return self.scratch / "src" / "tree"
 
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=False)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass  # not root: the figures then include a warm cache
+    def make_sources(self) -> None:
+        """The big file and the tree, random bytes, on the scratch disk."""
+        (self.scratch / "src").mkdir()
+        with open(self.source, "wb") as out:
+            left = self.sizes.big_bytes
+            while left:
+                n = min(left, 16 * MiB)
+                out.write(os.urandom(n))
+                left -= n
+        for i in range(self.sizes.files):
+            d = self.source_tree / f"d{i // FILES_PER_DIR:03d}"
+            if i % FILES_PER_DIR == 0:
+                d.mkdir(parents=True)
+            (d / f"f{i:05d}").write_bytes(os.urandom(self.sizes.file_bytes))
 
+    def warm(self, path: Path) -> None:
+        """Read `path` (a file or a tree) so that the copy does not wait for its disk."""
+        q = shlex.quote(str(path))
+        script = f"cat {q} > /dev/null" if path.is_file() else f"tar -cf - {q} | cat > /dev/null"
+        shell(script, self.deadline(self.sizes.big_bytes), f"reading {path}")
 
-def timed(fn: Callable[..., object], *args: object) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
+    # --- the workload on one target -------------------------------------------------------
 
+    def run_target(self, target: str, root: Path, hooks: Hooks | None = None) -> dict[str, float]:
+        s = self.sizes
+        r: dict[str, float] = {}
+        big, tree, creates = root / "big", root / "tree", root / "creates"
+        q = {name: shlex.quote(str(p)) for name, p in [("big", big), ("tree", tree)]}
 
-def run_cli(cluster: ProcCluster, scratch: Path, size: int) -> list[Row]:
-    source = random_file(scratch / "source", size)
-    local_dir = scratch / "local"
-    local_dir.mkdir()
+        self.phase = f"{target}: cp of the big file"
+        self.say(self.phase)
+        self.warm(self.source)
+        hooks = hooks or Hooks()
+        hooks.before_cp()
+        seconds = shell(
+            f"cp {shlex.quote(str(self.source))} {q['big']} && sync",
+            self.deadline(s.big_bytes),
+            f"{target}: cp + sync",
+        )
+        if big.stat().st_size != s.big_bytes:
+            raise BenchError(f"{target}: the copy has {big.stat().st_size} bytes")
+        r["big_cp_mbs"] = s.big_bytes / MB / seconds
 
-    def local_copy() -> None:
-        shutil.copyfile(source, local_dir / "copy")
-        fd = os.open(local_dir / "copy", os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+        self.phase = f"{target}: cat of the big file"
+        hooks.before_cat()
+        self.cold()
+        seconds = shell(f"cat {q['big']} > /dev/null", self.deadline(s.big_bytes), self.phase)
+        r["big_cat_mbs"] = s.big_bytes / MB / seconds
+        hooks.after_cat()
+        self.phase = f"{target}: checking the copy"
+        # Untimed; mostly from the page cache that cat just filled, i.e. the bytes cat got.
+        run_bounded(["cmp", str(self.source), str(big)], self.deadline(s.big_bytes), what="cmp")
+        run_bounded(["rm", "-f", str(big)], self.deadline(), what=f"{target}: rm big")
 
-    drop_caches()
-    ref_write = timed(local_copy)
-    drop_caches()
-    put = timed(cluster.dfs, "put", str(source), "/bench")
-    drop_caches()
-    ref_read = timed(_cat, local_dir / "copy")
-    drop_caches()
-    get = timed(cluster.dfs, "get", "/bench", str(scratch / "back"))
-    if not _same(source, scratch / "back"):
-        raise SystemExit("dfs get returned different bytes")
-    mb = size / MiB
-    return [
-        Row("dfs put (1 file)", "MB/s", mb / put, mb / ref_write, "cp + fsync to ext4"),
-        Row("dfs get (1 file)", "MB/s", mb / get, mb / ref_read, "cat from ext4, cold"),
-    ]
+        self.phase = f"{target}: cp -r of the tree"
+        self.say(f"{target}: the tree")
+        self.warm(self.source_tree)
+        seconds = shell(
+            f"cp -r {shlex.quote(str(self.source_tree))} {q['tree']} && sync",
+            self.deadline(s.files * s.file_bytes, s.files),
+            self.phase,
+        )
+        copied = sum(len(files) for _, _, files in os.walk(tree))
+        if copied != s.files:
+            raise BenchError(f"{target}: cp -r copied {copied} of {s.files} files")
+        r["tree_cp_files_s"] = s.files / seconds
+        for key, script in [
+            ("tree_ls_s", f"ls -lR {q['tree']} > /dev/null"),
+            ("tree_tar_s", f"tar -C {shlex.quote(str(root))} -cf - tree | cat > /dev/null"),
+            ("tree_rm_s", f"rm -rf {q['tree']}"),
+        ]:
+            self.phase = f"{target}: {script}"
+            self.cold()
+            r[key] = shell(script, self.deadline(s.files * s.file_bytes, s.files), self.phase)
 
+        self.say(f"{target}: {s.creates} creates, stats, unlinks")
+        creates.mkdir()
+        for op in ("create", "stat", "unlink"):
+            self.phase = f"{target}: {op} of {s.creates} files"
+            if op != "create":
+                self.cold()
+            _, out = run_bounded(
+                [sys.executable, "-m", "bench.fileops", op, str(creates), str(s.creates)],
+                self.deadline(ops=s.creates),
+                what=self.phase,
+            )
+            r[f"{op}_ops"] = s.creates / json.loads(out)["seconds"]
+        creates.rmdir()
+        return r
 
-def _cat(path: Path) -> None:
-    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+    # --- targets --------------------------------------------------------------------------
 
+    def on_cleanup(self, what: str, fn: Hook) -> None:
+        self.cleanups.append((what, fn))
 
-def _same(a: Path, b: Path) -> bool:
-    return subprocess.run(["cmp", "-s", str(a), str(b)], check=False).returncode == 0
+    def mount(
+        self, name: str, path: Path, argv: list[str], env: dict[str, str] | None = None
+    ) -> FuseMount:
+        """Start a FUSE process whose `argv` mounts at `path`; unmounted at cleanup."""
+        self.phase = f"mounting {name}"
+        m = FuseMount(name, path, argv, self.scratch / f"{name}.log", env)
+        self.mounts.append(m)
+        self.on_cleanup(f"unmount {name}", m.stop)
+        m.start()
+        return m
 
+    def run_ext4(self) -> None:
+        root = self.scratch / "ext4"
+        root.mkdir()
+        self.results["ext4"] = self.run_target("ext4", root)
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size-mb", type=int, default=1024)
-    parser.add_argument("--replication", type=int, default=2)
-    parser.add_argument("--json", default="bench/results/last.json")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="dfs-bench-", dir="/var/tmp") as tmp:
-        scratch = Path(tmp)
-        cluster = ProcCluster(scratch / "cluster", args.replication, 8 * MiB, 1.0, 30.0)
-        (scratch / "cluster").mkdir()
+    def run_memfs(self) -> None:
+        path = self.scratch / "mnt-memfs"
+        argv = [sys.executable, "-m", "bench.memfs", str(path)]
+        if self.args.memfs_writeback:
+            argv.append("--writeback")
+        m = self.mount("memfs", path, argv)
+        self.results["memfs"] = self.run_target("memfs", m.path)
+        self.stop_mount(m)  # frees its memory before dfs runs
+
+    def start_cluster(self) -> ProcCluster:
+        self.phase = "starting the cluster"
+        root = self.scratch / "cluster"
+        root.mkdir()
+        cluster = ProcCluster(root, REPLICATION, CHUNK_SIZE, HEARTBEAT_S, DEAD_AFTER_S)
+        self.cluster = cluster
+        self.on_cleanup("stop the cluster", cluster.stop)
+        # The daemons start with SIGINT blocked (the mask survives exec), so that a Ctrl-C at
+        # the terminal reaches only this process: stopping the tracker before dfs-mount has
+        # unmounted would make the mount's last calls retry for retry_window_s.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             cluster.start_tracker()
-            for _ in range(3):
+            for _ in range(KEEPERS):
                 cluster.add_keeper()
-            cluster.wait_alive(3)
-            rows = run_cli(cluster, scratch, args.size_mb * MiB)
         finally:
-            cluster.stop()
-    print(f"{'workload':<24} {'dfs':>10} {'reference':>10} {'ratio':>6}  reference")
-    for row in rows:
-        print(
-            f"{row.workload:<24} {row.dfs:>8.0f} {row.unit[:2]}"
-            f" {row.reference:>8.0f} {row.unit[:2]} {row.ratio:>6.2f}  {row.reference_name}"
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        cluster.wait_alive(KEEPERS)
+        return cluster
+
+    def run_dfs(self, cluster: ProcCluster) -> None:
+        path = self.scratch / "mnt-dfs"
+        argv = [str(BIN / "dfs-mount"), str(path), "--tracker", cluster.tracker_addr]
+        argv.append("--foreground")
+        m = self.mount("dfs-mount", path, argv, cluster.env)
+
+        def before_cp() -> None:
+            if not reset_peak_rss(m.pid):
+                self.say("cannot reset dfs-mount's peak RSS: it includes start-up")
+
+        def before_cat() -> None:
+            # dfs-mount keeps the chunks it uploaded in its read cache (up to cache_mb); a
+            # fresh mount makes the read as cold as the kernel's side after drop_caches.
+            self.rss["mount_cp"] = peak_rss_mib(m.pid)
+            self.stop_mount(m)
+            self.phase = "remounting dfs"
+            m.start()
+
+        def after_cat() -> None:
+            self.rss["mount_cat"] = peak_rss_mib(m.pid)
+            self.rss["mount"] = max(self.rss["mount_cp"], self.rss["mount_cat"])
+
+        hooks = Hooks(before_cp, before_cat, after_cat)
+        self.results["dfs"] = self.run_target("dfs", m.path, hooks)
+        self.phase = "unmounting dfs"
+        self.stop_mount(m)
+
+    def stop_mount(self, m: FuseMount) -> None:
+        """Unmount; the process must exit 0 (it flushed everything) without a traceback."""
+        m.stop()
+        if m.proc is not None and m.proc.returncode != 0:
+            raise BenchError(f"{m.name} exited with {m.proc.returncode}:\n{m.log_tail()}")
+        if "Traceback" in m.log.read_text(errors="replace"):
+            raise BenchError(f"{m.name} logged a traceback:\n{m.log_tail(60)}")
+
+    def run_cli(self, cluster: ProcCluster) -> None:
+        s = self.sizes
+        dfs = [str(BIN / "dfs"), "--tracker", cluster.tracker_addr]
+        back = self.scratch / "back"
+        self.phase = "dfs put"
+        self.say("dfs put / dfs get")
+        self.warm(self.source)
+        put, _ = run_bounded(
+            [*dfs, "put", str(self.source), "/cli-big"],
+            self.deadline(s.big_bytes),
+            env=cluster.env,
+            what=self.phase,
         )
+        self.phase = "dfs get"
+        self.cold()
+        get, _ = run_bounded(
+            [*dfs, "get", "/cli-big", str(back)],
+            self.deadline(s.big_bytes),
+            env=cluster.env,
+            what=self.phase,
+        )
+        self.phase = "checking dfs get"
+        run_bounded(["cmp", str(self.source), str(back)], self.deadline(s.big_bytes), what="cmp")
+        back.unlink()
+        run_bounded([*dfs, "rm", "/cli-big"], self.deadline(), env=cluster.env, what="dfs rm")
+        self.results["cli"] = {
+            "cli_put_mbs": s.big_bytes / MB / put,
+            "cli_get_mbs": s.big_bytes / MB / get,
+        }
+
+    def run_namespace(self, cluster: ProcCluster) -> None:
+        n = self.args.namespace_files
+        self.phase = f"namespace of {n} files"
+        self.say(self.phase)
+        _, out = run_bounded(
+            [sys.executable, "-m", "bench.namespace", "--files", str(n)],
+            self.deadline(ops=n) if self.args.phase_timeout else 120 + n / 200,
+            env=cluster.env,
+            what=self.phase,
+        )
+        self.namespace = json.loads(out)
+
+    def run(self) -> None:
+        self.phase = "making the source files"
+        self.say(f"scratch directory {self.scratch}; sizes {self.sizes}")
+        self.make_sources()
+        self.run_ext4()
+        self.run_memfs()
+        cluster = self.start_cluster()
+        self.run_dfs(cluster)
+        self.run_cli(cluster)
+        if self.args.namespace_files:
+            self.run_namespace(cluster)
+        assert cluster.tracker is not None
+        self.rss["tracker"] = peak_rss_mib(cluster.tracker.pid)
+        for i, keeper in enumerate(cluster.keepers):
+            self.rss[f"keeper{i}"] = peak_rss_mib(keeper.pid)
+
+    def cleanup(self) -> list[str]:
+        """Undo everything, newest first; returns what failed (never raises)."""
+        failed = []
+        while self.cleanups:
+            what, fn = self.cleanups.pop()
+            try:
+                fn()
+            except Exception as exc:
+                failed.append(f"{what}: {exc}")
+        return failed
+
+    def logs(self) -> str:
+        parts = [f"--- {m.name} log (end)\n{m.log_tail()}" for m in self.mounts]
+        if self.cluster is not None:
+            for daemon in [self.cluster.tracker, *self.cluster.keepers]:
+                if daemon is not None:
+                    tail = "\n".join(daemon.logs().splitlines()[-10:])
+                    parts.append(f"--- {daemon.name} log (end)\n{tail}")
+        return "\n".join(parts)
+
+    # --- report ---------------------------------------------------------------------------
+
+    def rows(self) -> list[Row]:
+        s = self.sizes
+        dfs, mem, ext = self.results["dfs"], self.results["memfs"], self.results["ext4"]
+        cli = self.results["cli"]
+        n, c = s.files, s.creates
+
+        def both(key: str, label: str, unit: str, higher: bool = True) -> Row:
+            return Row(key, label, unit, higher, dfs[key], mem[key], ext[key])
+
+        rows = [
+            both("big_cp_mbs", f"cp {s.big_label} file + sync", "MB/s"),
+            both("big_cat_mbs", f"cat {s.big_label} file, cold", "MB/s"),
+            both("tree_cp_files_s", f"cp -r {n} x 4 KiB + sync", "files/s"),
+            both("tree_ls_s", f"ls -lR {n}-file tree, cold", "s", higher=False),
+            both("tree_tar_s", f"tar c {n}-file tree, cold", "s", higher=False),
+            both("tree_rm_s", f"rm -rf {n}-file tree, cold", "s", higher=False),
+            both("create_ops", f"create {c} empty, one dir", "ops/s"),
+            both("stat_ops", f"stat {c}, cold", "ops/s"),
+            both("unlink_ops", f"unlink {c}, cold", "ops/s"),
+            Row(
+                "cli_put_mbs",
+                f"dfs put {s.big_label}",
+                "MB/s",
+                True,
+                cli["cli_put_mbs"],
+                mem["big_cp_mbs"],
+                ext["big_cp_mbs"],
+                "memfs, ext4: cp + sync",
+            ),
+            Row(
+                "cli_get_mbs",
+                f"dfs get {s.big_label}",
+                "MB/s",
+                True,
+                cli["cli_get_mbs"],
+                mem["big_cat_mbs"],
+                ext["big_cat_mbs"],
+                "memfs, ext4: cat, cold",
+            ),
+            Row(
+                "mount_rss_mib",
+                "dfs-mount peak RSS, big cp / cat",
+                "MiB",
+                False,
+                self.rss["mount"],
+                note="VmHWM",
+            ),
+            Row(
+                "tracker_rss_mib", "tracker peak RSS, whole run", "MiB", False, self.rss["tracker"]
+            ),
+        ]
+        for i in range(KEEPERS):
+            rows.append(
+                Row(
+                    f"keeper{i}_rss_mib",
+                    f"keeper{i} peak RSS, whole run",
+                    "MiB",
+                    False,
+                    self.rss[f"keeper{i}"],
+                )
+            )
+        if self.namespace is not None:
+            ns = self.namespace
+            files = int(ns["files"])
+            inflight = int(ns["concurrency"])
+            for key, label in [
+                ("fill_creates_per_s", f"tracker: fill to {files} files, {inflight} in flight"),
+                ("creates_per_s", f"tracker create at {files}, {inflight} in flight"),
+                ("serial_creates_per_s", f"tracker create at {files}, 1 in flight"),
+                ("lookups_per_s", f"tracker lookup at {files}, {inflight} in flight"),
+                ("serial_lookups_per_s", f"tracker lookup at {files}, 1 in flight"),
+            ]:
+                rows.append(Row(f"ns_{key}", label, "ops/s", True, ns[key]))
+        return rows
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _frac(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def table(rows: list[Row]) -> str:
+    head = (
+        f"{'workload':<46} {'unit':<7} {'dfs':>8} {'memfs':>8} {'ext4':>8}"
+        f" {'dfs/memfs':>9} {'dfs/ext4':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        line = (
+            f"{r.workload:<46} {r.unit:<7} {_num(r.dfs):>8} {_num(r.memfs):>8} {_num(r.ext4):>8}"
+            f" {_frac(r.fraction(r.memfs)):>9} {_frac(r.fraction(r.ext4)):>8}"
+        )
+        lines.append(line + (f"  ({r.note})" if r.note else ""))
+    return "\n".join(lines)
+
+
+def _git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="dfs against an in-memory FUSE ceiling and ext4, in one run.",
+    )
+    parser.add_argument("--quick", action="store_true", help=f"--scale {QUICK_SCALE}")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every size")
+    parser.add_argument("--size-mb", type=int, help="big file in MiB (default 1024, scaled)")
+    parser.add_argument("--files", type=int, help="files in the tree (default 2000, scaled)")
+    parser.add_argument("--creates", type=int, help="empty creates (default 5000, scaled)")
+    parser.add_argument(
+        "--namespace-files",
+        type=int,
+        default=0,
+        help="tracker create/lookup rates with this many files (default 0: skip; goal 1000000)",
+    )
+    parser.add_argument(
+        "--memfs-writeback",
+        action="store_true",
+        help="mount memfs with the writeback cache (dfs-mount has it off)",
+    )
+    parser.add_argument("--json", default="bench/results/last.json", help="where to write JSON")
+    parser.add_argument("--scratch-dir", default="/var/tmp", help="on the disk to compare with")
+    parser.add_argument(
+        "--phase-timeout", type=float, default=0, help="seconds per phase (default: by size)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = parser.parse_args(argv)
+    if args.scale <= 0:
+        parser.error("--scale must be positive")
+    return args
+
+
+def sizes_from(args: argparse.Namespace) -> Sizes:
+    sizes = Sizes().scaled(QUICK_SCALE if args.quick else args.scale)
+    if args.size_mb:
+        sizes = Sizes(args.size_mb * MiB, sizes.files, sizes.file_bytes, sizes.creates)
+    if args.files:
+        sizes = Sizes(sizes.big_bytes, args.files, sizes.file_bytes, sizes.creates)
+    if args.creates:
+        sizes = Sizes(sizes.big_bytes, sizes.files, sizes.file_bytes, args.creates)
+    return sizes
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = sizes_from(args)
+    started = time.time()
+    signal.signal(signal.SIGTERM, _terminate)
+    scratch = Path(tempfile.mkdtemp(prefix="dfs-bench-", dir=args.scratch_dir))
+    bench = Bench(args, sizes, scratch)
+    error = ""
+    try:
+        bench.run()
+    except KeyboardInterrupt:
+        error = f"interrupted during {bench.phase}"
+    except BenchError as exc:
+        error = f"failed during {bench.phase}: {exc}"
+    except Exception as exc:  # a bug here or in the cluster: say where, with the traceback
+        error = f"failed during {bench.phase}: {exc!r}\n{traceback.format_exc()}"
+    finally:
+        # Cleaning up must not be cut short by a second Ctrl-C.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if error:
+                print(bench.logs(), file=sys.stderr)
+            problems = bench.cleanup()
+            left = mounts_under(scratch)
+            if left:
+                problems.append(f"still mounted: {', '.join(left)}; {scratch} kept")
+            elif not args.keep:
+                shutil.rmtree(scratch, ignore_errors=True)
+            for problem in problems:
+                print(f"bench: cleanup: {problem}", file=sys.stderr)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    if error:
+        print(f"bench: {error}", file=sys.stderr)
+        return 130 if error.startswith("interrupted") else 1
+
+    rows = bench.rows()
+    report = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "revision": _git_revision(),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "sizes": asdict(sizes),
+        "cold_cache": bench.cold_cache,
+        "reference_dir": args.scratch_dir,
+        "reference_fstype": fstype(Path(args.scratch_dir)),
+        "memfs_writeback": args.memfs_writeback,
+        "cluster": {"keepers": KEEPERS, "replication": REPLICATION, "chunk_size": CHUNK_SIZE},
+        "peak_rss_mib": bench.rss,
+        "namespace": bench.namespace,
+        "rows": [r.as_dict() for r in rows],
+    }
+    print(table(rows))
+    notes = [
+        "dfs/x: dfs as a fraction of x, below 1 when dfs is slower (or bigger, or takes longer)",
+        f"ext4: a directory in {args.scratch_dir} ({report['reference_fstype']})",
+    ]
+    if not bench.cold_cache:
+        notes.append("page cache NOT dropped (not root): read figures are warm")
+    if args.memfs_writeback:
+        notes.append("memfs with the writeback cache")
+    notes.append(f"the run took {report['seconds']:.0f} s")
+    print("\n".join(notes))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps([asdict(r) | {"ratio": r.ratio} for r in rows], indent=2))
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

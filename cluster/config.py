@@ -113,8 +113,8 @@ KEYS: dict[str, Key] = {
         Key("scrub_rate_mb_s", _float, 8.0, "background checksum scrub rate", ("keeper",)),
         Key("http", _str, "", "HOST:PORT of the status page", ("tracker", "keeper")),
         Key("metrics", _str, "", "HOST:PORT of the Prometheus metrics", ("tracker", "keeper")),
-        Key("dirty_mb", _int, 256, "bound on buffered writes", ("mount",)),
-        Key("cache_mb", _int, 256, "bound on the read cache", ("mount",)),
+        Key("dirty_mb", _int, 192, "bound on buffered writes", ("mount",)),
+        Key("cache_mb", _int, 192, "bound on the read cache", ("mount",)),
         Key(
             "transfers",
             _int,

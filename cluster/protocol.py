@@ -41,7 +41,7 @@ class BufferPool:
     payload to the end (the keeper's put handler, the client's read) does it.
     """
 
-    def __init__(self, max_bytes: int = 128 << 20) -> None:
+    def __init__(self, max_bytes: int = 32 << 20) -> None:
         self.max_bytes = max_bytes
         self._free: dict[int, list[bytearray]] = {}
         self._bytes = 0
