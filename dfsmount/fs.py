@@ -28,7 +28,7 @@ from cluster.client import Attr, Client, DirEntry
 from cluster.errors import DfsError
 from dfsmount.cache import DataCache, FileState
 from dfsmount.handles import HandleTable, OpenDir
-from dfsmount.inodes import AttrCache, InodeTable, entry_attributes
+from dfsmount.inodes import AttrCache, DirCache, InodeTable, entry_attributes
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ T = TypeVar("T")
 
 # Entries asked of the tracker per readdir page; the kernel takes a few dozen per request.
 READDIR_PAGE = 500
+NAME_MAX = 255
 # statfs is cached this long: editors and shells call it constantly.
 STATFS_CACHE_S = 1.0
 # f_bsize == f_frsize (df computes sizes from f_frsize, some tools from f_bsize).
@@ -81,6 +82,7 @@ class Operations(pyfuse3.Operations):
         self.client = client
         self.inodes = InodeTable()
         self.attrs = AttrCache()
+        self.dirs = DirCache()
         self.handles = HandleTable()
         self.data = DataCache(client, nursery, dirty_bytes=dirty_bytes, cache_bytes=cache_bytes)
         self.data.on_commit = self.attrs.put
@@ -99,9 +101,34 @@ class Operations(pyfuse3.Operations):
         log.debug("lookup %d %r", parent_inode, name)
         if name == b".":
             attr = await self.client.getattr(parent_inode)
+        elif len(name) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         else:
-            attr = await self.client.lookup(parent_inode, name)
+            attr = await self._lookup(parent_inode, name)
         return self._reply(attr, lookup=True)
+
+    async def _lookup(self, parent: int, name: bytes) -> Attr:
+        cached = self.dirs.get(parent, name)
+        if cached is None and self.dirs.should_fetch(parent):
+            await self._fetch_listing(parent)
+            cached = self.dirs.get(parent, name)
+        if cached is False:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if isinstance(cached, Attr):
+            return self.attrs.get(cached.ino) or cached
+        return await self.client.lookup(parent, name)
+
+    async def _fetch_listing(self, parent: int) -> None:
+        fetched_at = trio.current_time()
+        entries: dict[bytes, Attr] = {}
+        offset = 0
+        while page := await self.client.readdir(parent, offset, READDIR_PAGE):
+            for entry in page:
+                entries[entry.name] = entry.attr
+            if len(entries) > DirCache.MAX_ENTRIES:
+                return
+            offset = page[-1].next_offset
+        self.dirs.store(parent, entries, fetched_at)
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         try:
@@ -170,7 +197,8 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         log.debug("mknod %d %r %o", parent_inode, name, mode)
         attr = await self.client.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev)
-        self.attrs.clear()
+        self.attrs.drop(parent_inode)  # its mtime (and nlink) changed
+        self.dirs.added(parent_inode, name, attr)
         return self._reply(attr, lookup=True)
 
     @fuse_op
@@ -183,7 +211,8 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         log.debug("mkdir %d %r %o", parent_inode, name, mode)
         attr = await self.client.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid)
-        self.attrs.clear()
+        self.attrs.drop(parent_inode)  # its mtime (and nlink) changed
+        self.dirs.added(parent_inode, name, attr)
         return self._reply(attr, lookup=True)
 
     @fuse_op
@@ -191,18 +220,21 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> None:
         log.debug("unlink %d %r", parent_inode, name)
-        self.attrs.clear()
-        await self.client.unlink(parent_inode, name)
-        self.attrs.clear()
+        ino, nlink = await self.client.unlink(parent_inode, name)
+        self.attrs.drop(parent_inode)
+        self.attrs.drop(ino)  # nlink and ctime changed
+        self.dirs.removed(parent_inode, name)
+        if nlink:
+            self.dirs.clear()  # other names of the inode, listed anywhere, show its old nlink
 
     @fuse_op
     async def rmdir(
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> None:
         log.debug("rmdir %d %r", parent_inode, name)
-        self.attrs.clear()
         await self.client.rmdir(parent_inode, name)
-        self.attrs.clear()
+        self.attrs.drop(parent_inode)
+        self.dirs.removed(parent_inode, name)
 
     @fuse_op
     async def symlink(
@@ -214,7 +246,8 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         log.debug("symlink %d %r -> %r", parent_inode, name, target)
         attr = await self.client.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
-        self.attrs.clear()
+        self.attrs.drop(parent_inode)  # its mtime (and nlink) changed
+        self.dirs.added(parent_inode, name, attr)
         return self._reply(attr, lookup=True)
 
     @fuse_op
@@ -237,8 +270,10 @@ class Operations(pyfuse3.Operations):
         )
         # pyfuse3's RENAME_NOREPLACE (1) and RENAME_EXCHANGE (2) are the client's flags too.
         self.attrs.clear()
+        self.dirs.clear()
         await self.client.rename(parent_inode_old, name_old, parent_inode_new, name_new, int(flags))
         self.attrs.clear()
+        self.dirs.clear()  # a replaced target could be listed anywhere
 
     @fuse_op
     async def link(
@@ -250,7 +285,8 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         log.debug("link %d -> %d %r", inode, new_parent_inode, new_name)
         attr = await self.client.link(inode, new_parent_inode, new_name)
-        self.attrs.clear()
+        self.attrs.drop(new_parent_inode)  # its mtime (and nlink) changed
+        self.dirs.added(new_parent_inode, new_name, attr)
         return self._reply(attr, lookup=True)
 
     @fuse_op
@@ -338,7 +374,8 @@ class Operations(pyfuse3.Operations):
         # One tracker trip creates and opens the file, and tells its chunk size: a new file
         # has no chunks, so nothing else needs asking before the first write.
         attr, chunk_size = await self.client.create(parent_inode, name, mode, ctx.uid, ctx.gid)
-        self.attrs.clear()
+        self.attrs.drop(parent_inode)  # its mtime (and nlink) changed
+        self.dirs.added(parent_inode, name, attr)
         _, fh, _ = await self._open(attr.ino, flags, attr, created_chunk_size=chunk_size)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), self._reply(
             attr, lookup=True

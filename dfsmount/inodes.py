@@ -83,8 +83,71 @@ class AttrCache:
             self._entries.clear()  # a bound, not a policy: entries are short-lived anyway
         return attr
 
+    def drop(self, ino: int) -> None:
+        self._entries.pop(ino, None)
+
     def clear(self) -> None:
         self._entries.clear()
+
+
+class DirCache:
+    """Whole listings of busy directories, reused for ENTRY_TIMEOUT_S.
+
+    A `stat` of many names in one directory, or a `cp -r` into it, is one tracker lookup per
+    name: at a few thousand round trips a second, the slowest thing the mount does. After
+    `PREFETCH_AFTER` lookups of one directory within the timeout, the mount fetches its whole
+    listing (readdir pages, with attributes) and answers further lookups from it, found or not,
+    until the timeout passes: the same staleness the kernel's own entry cache allows. This
+    mount's own changes update the listing (create, mkdir, link, unlink...) or drop them all
+    (rename), so it never contradicts what this mount did; attributes come from AttrCache
+    first, which holds the newest answers (commits, setattr) of this mount.
+    """
+
+    PREFETCH_AFTER = 8
+    MAX_ENTRIES = 20_000  # bigger directories are looked up name by name
+
+    def __init__(self) -> None:
+        self._listings: dict[int, tuple[float, dict[bytes, Attr]]] = {}
+        self._misses: dict[int, tuple[float, int]] = {}
+
+    def get(self, parent: int, name: bytes) -> Attr | bool | None:
+        """The cached entry; False when the listing is fresh and lacks `name`; None when
+        this directory is not cached."""
+        listing = self._listings.get(parent)
+        if listing is None:
+            return None
+        if listing[0] < trio.current_time():
+            del self._listings[parent]
+            return None
+        return listing[1].get(name, False)
+
+    def should_fetch(self, parent: int) -> bool:
+        """Count a lookup that missed the cache; True when the listing is worth fetching."""
+        now = trio.current_time()
+        since, count = self._misses.get(parent, (now, 0))
+        if now - since > ENTRY_TIMEOUT_S:
+            since, count = now, 0
+        count += 1
+        self._misses[parent] = (since, count)
+        if len(self._misses) > 10_000:
+            self._misses.clear()
+        return count == self.PREFETCH_AFTER
+
+    def store(self, parent: int, entries: dict[bytes, Attr], fetched_at: float) -> None:
+        self._listings[parent] = (fetched_at + ENTRY_TIMEOUT_S, entries)
+
+    def added(self, parent: int, name: bytes, attr: Attr) -> None:
+        listing = self._listings.get(parent)
+        if listing is not None:
+            listing[1][name] = attr
+
+    def removed(self, parent: int, name: bytes) -> None:
+        listing = self._listings.get(parent)
+        if listing is not None:
+            listing[1].pop(name, None)
+
+    def clear(self) -> None:
+        self._listings.clear()
 
 
 class InodeTable:
