@@ -152,6 +152,24 @@ _INODE_COLUMNS = (
 )
 
 
+def _inode_values(inode: Inode) -> tuple[object, ...]:
+    """Every column but `ino`, in _INODE_COLUMNS order."""
+    return (
+        inode.mode,
+        inode.nlink,
+        inode.uid,
+        inode.gid,
+        inode.rdev,
+        inode.size,
+        inode.atime_ns,
+        inode.mtime_ns,
+        inode.ctime_ns,
+        inode.chunk_size,
+        inode.replication,
+        inode.target,
+    )
+
+
 class MetadataStore(Protocol):
     """What the tracker needs from its database; SQLite now, a server database later."""
 
@@ -241,20 +259,7 @@ class SqliteStore:
     def insert_inode(self, inode: Inode) -> int:
         cur = self.db.execute(
             f"INSERT INTO inodes ({_INODE_COLUMNS}) VALUES (NULL,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                inode.mode,
-                inode.nlink,
-                inode.uid,
-                inode.gid,
-                inode.rdev,
-                inode.size,
-                inode.atime_ns,
-                inode.mtime_ns,
-                inode.ctime_ns,
-                inode.chunk_size,
-                inode.replication,
-                inode.target,
-            ),
+            _inode_values(inode),
         )
         assert cur.lastrowid is not None
         inode.ino = cur.lastrowid
@@ -264,21 +269,7 @@ class SqliteStore:
         self.db.execute(
             "UPDATE inodes SET mode=?, nlink=?, uid=?, gid=?, rdev=?, size=?, atime_ns=?,"
             " mtime_ns=?, ctime_ns=?, chunk_size=?, replication=?, target=? WHERE ino=?",
-            (
-                inode.mode,
-                inode.nlink,
-                inode.uid,
-                inode.gid,
-                inode.rdev,
-                inode.size,
-                inode.atime_ns,
-                inode.mtime_ns,
-                inode.ctime_ns,
-                inode.chunk_size,
-                inode.replication,
-                inode.target,
-                inode.ino,
-            ),
+            (*_inode_values(inode), inode.ino),
         )
 
     def delete_inode(self, ino: int) -> None:
