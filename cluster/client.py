@@ -407,8 +407,9 @@ class Client:
 
     async def read_chunk(
         self, info: ChunkInfo, offset: int = 0, length: int | None = None
-    ) -> bytes:
+    ) -> bytes | bytearray:
         """Bytes [offset, offset+length) of a chunk, each block verified; zeros past its length.
+        The result belongs to the caller (a whole chunk comes back without a copy).
 
         Tries every copy before it gives up with Unavailable (EIO on the mount).
         """
@@ -445,7 +446,9 @@ class Client:
             f" ({'; '.join(errors) or 'no keepers'})"
         )
 
-    async def _read_copy(self, addr: str, info: ChunkInfo, offset: int, length: int) -> bytes:
+    async def _read_copy(
+        self, addr: str, info: ChunkInfo, offset: int, length: int
+    ) -> bytes | bytearray:
         request = m.ReadChunk(
             chunk_id=info.chunk_id, version=info.version, offset_bytes=offset, length_bytes=length
         )
@@ -458,6 +461,8 @@ class Client:
         skip = offset - reply.first_block * checksum.BLOCK_SIZE
         if skip < 0 or skip + length > len(payload):
             raise ChecksumMismatch("keeper sent a range that does not cover the request")
+        if skip == 0 and length == len(payload):
+            return payload  # the whole received buffer: hand it over rather than copy 8 MiB
         data = bytes(memoryview(payload)[skip : skip + length])
         PAYLOADS.give(payload)
         return data

@@ -37,6 +37,7 @@ class Health:
     copies_in_flight: int = 0
     copies_done: int = 0
     bytes_copied: int = 0
+    scanned_at: float = float("-inf")  # trio time of the scan that produced these figures
     # keeper id -> chunks whose only goal-meeting copies include that draining keeper
     drain_left: dict[KeeperId, int] = field(default_factory=dict)
 
@@ -92,7 +93,11 @@ class Healer:
         now = trio.current_time()
         self.in_flight = {key: t for key, t in self.in_flight.items() if t > now}
         self._collect_allocations()
-        health = Health(copies_done=self.health.copies_done, bytes_copied=self.health.bytes_copied)
+        health = Health(
+            copies_done=self.health.copies_done,
+            bytes_copied=self.health.bytes_copied,
+            scanned_at=now,
+        )
         live = {k.keeper_id: k for k in self.registry.live()}
         pending_by_chunk: dict[int, int] = {}
         pending_by_keeper: dict[KeeperId, int] = {}

@@ -36,6 +36,7 @@ class KeeperState:
     to_replicate: list[list[object]] = field(default_factory=list)
     # Being decommissioned: gets no new chunks; its copies do not count toward the goal.
     draining: bool = False
+    draining_since: float = 0.0  # trio time the drain started (or the tracker saw it again)
     # Said goodbye (stopping for maintenance): gets no new chunks until it registers again.
     leaving: bool = False
 
@@ -144,6 +145,7 @@ class KeeperRegistry:
             del self.keepers[other.keeper_id]
         state = KeeperState(keeper_id, addr, zone, capacity, used, trio.current_time())
         state.draining = keeper_id in self.draining
+        state.draining_since = state.last_seen
         if old is not None:
             state.to_delete = old.to_delete
         self.keepers[keeper_id] = state

@@ -382,7 +382,13 @@ class Tracker:
             if k.draining:
                 left = health.drain_left.get(k.keeper_id, 0)
                 entry["drain_left"] = left
-                entry["removable"] = left == 0 and not health.degraded and alive
+                # Only a scan that started after the drain began can say it is done.
+                entry["removable"] = (
+                    health.scanned_at > k.draining_since
+                    and left == 0
+                    and not health.degraded
+                    and alive
+                )
             keepers.append(entry)
         return m.ClusterStatusReply(
             keepers=keepers,
@@ -441,6 +447,7 @@ class Tracker:
         with self.store.transaction():
             self.store.set_draining(keeper.keeper_id, not msg.cancel)
         keeper.draining = not msg.cancel
+        keeper.draining_since = trio.current_time()
         if msg.cancel:
             self.registry.draining.discard(keeper.keeper_id)
         else:
