@@ -196,7 +196,8 @@ def test_tracker_killed_during_repair_still_converges(
         make_cluster,
         keepers=4,
         replication=3,
-        keeper_args=["--replicate-rate-mb-s", "4", "--scrub-rate-mb-s", "0.5"],
+        # Slow repair (about 7 s here), so that the tracker dies while it is under way.
+        keeper_args=["--replicate-rate-mb-s", "1", "--scrub-rate-mb-s", "0.5"],
     )
     files = put_files(cluster, tmp_path, 20)
     cluster.keepers[0].kill()
