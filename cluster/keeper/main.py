@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import signal
 import sys
@@ -28,6 +29,23 @@ from cluster.serve import ServeOptions, Server
 log = logging.getLogger("cluster.keeper")
 GOODBYE_TIMEOUT_S = 2.0
 SHUTDOWN_GRACE_S = 30.0  # long enough to finish a chunk transfer in flight
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def return_big_buffers_to_the_os() -> None:
+    """Fix glibc's mmap threshold at 1 MiB.
+
+    Chunk buffers are megabytes. glibc raises its mmap threshold each time such a buffer is
+    freed, so later ones come from the heap, which never shrinks: a loaded keeper then held
+    about 200 MiB. With a fixed threshold they are mapped and unmapped (the payload pool keeps
+    the hot ones): measured under `make bench`, peak RSS 200 -> 130 MiB at the same MB/s.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        log.info("not glibc: leaving malloc as it is")
 
 
 def keeper_id(data_dir: Path) -> str:
@@ -118,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         credentials = Credentials.from_settings(settings, server=True)
     except (SecretError, OSError) as exc:
         parser.exit(2, f"dfs-keeper: {exc}\n")
+    return_big_buffers_to_the_os()
     try:
         trio.run(_run, settings, credentials)
     except OSError as exc:
