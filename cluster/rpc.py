@@ -191,7 +191,9 @@ def _close_later(conn: Connection) -> None:
     """Close without awaiting: a closed socket needs no orderly goodbye, and the caller may be
     in a cancelled scope where awaiting would raise."""
     conn.broken = True
-    stream = conn.frames.stream
+    stream: object = conn.frames.stream
+    while hasattr(stream, "transport_stream"):  # a TLS stream wraps the socket stream
+        stream = stream.transport_stream
     sock = getattr(stream, "socket", None)
     if sock is not None:
         sock.close()
