@@ -40,7 +40,6 @@ class Heartbeat:
         self.zone = zone
         self.heartbeat_s = heartbeat_s
         self.pool = ConnectionPool("keeper", server.credentials)
-        self.registered = trio.Event()
 
     async def run(self) -> None:
         delay = 0.1
@@ -83,7 +82,6 @@ class Heartbeat:
             reply, _ = await self.pool.call(self.tracker, request, m.RegisterReply)
         self.heartbeat_s = reply.heartbeat_s or self.heartbeat_s
         log.info("registered with tracker %s (%d chunks)", self.tracker, len(request.chunks))
-        self.registered.set()
 
     async def _beat_until_lost(self) -> None:
         while True:
