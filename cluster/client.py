@@ -154,6 +154,9 @@ class Client:
         self.session = uuid.uuid4().hex
         self.pool = ConnectionPool(role, credentials)
         self.transfers = trio.CapacityLimiter(max(1, transfers))
+        # Called with a directory's attributes whenever a reply carries them fresh (the parent
+        # of a create, mkdir, symlink, link, unlink or rmdir), for a cache to keep.
+        self.dir_changed: Callable[[Attr], object] = lambda attr: None
         # Keepers that recently failed us: tried last until they answer again.
         self._suspect: dict[str, float] = {}
 
@@ -189,7 +192,10 @@ class Client:
                 delay = min(delay * 2, 1.0)
 
     async def _attr(self, request: m.Message) -> Attr:
-        return Attr.from_wire((await self._tracker(request, m.AttrReply)).attr)
+        reply = await self._tracker(request, m.AttrReply)
+        if reply.parent_attr is not None:
+            self.dir_changed(Attr.from_wire(reply.parent_attr))
+        return Attr.from_wire(reply.attr)
 
     async def lookup(self, parent: int, name: bytes) -> Attr:
         return await self._attr(m.Lookup(parent=parent, name=name))
@@ -255,6 +261,8 @@ class Client:
             ),
             m.AttrReply,
         )
+        if reply.parent_attr is not None:
+            self.dir_changed(Attr.from_wire(reply.parent_attr))
         return Attr.from_wire(reply.attr), reply.chunk_size_bytes
 
     async def symlink(
@@ -273,10 +281,14 @@ class Client:
     async def unlink(self, parent: int, name: bytes) -> tuple[int, int]:
         """Remove a name; returns (inode, its remaining link count)."""
         reply = await self._tracker(m.Unlink(parent=parent, name=name), m.UnlinkReply)
+        if reply.parent_attr is not None:
+            self.dir_changed(Attr.from_wire(reply.parent_attr))
         return reply.ino, reply.nlink
 
     async def rmdir(self, parent: int, name: bytes) -> None:
-        await self._tracker(m.RemoveDir(parent=parent, name=name), m.OkReply)
+        reply = await self._tracker(m.RemoveDir(parent=parent, name=name), m.UnlinkReply)
+        if reply.parent_attr is not None:
+            self.dir_changed(Attr.from_wire(reply.parent_attr))
 
     async def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0
@@ -299,7 +311,16 @@ class Client:
         return await self._attr(m.OpenFile(ino=ino, session=self.session))
 
     async def release_file(self, ino: int) -> None:
-        await self._tracker(m.ReleaseFile(ino=ino, session=self.session), m.OkReply)
+        await self.release_files([ino])
+
+    async def release_files(self, inos: list[int]) -> None:
+        """Give back one `open_file` (or `create`) per entry of `inos`."""
+        await self._tracker(m.ReleaseFiles(inos=inos, session=self.session), m.OkReply)
+
+    async def sync(self) -> None:
+        """Wait until every change this client made is on the tracker's disk (chunk commits
+        are already; namespace changes reach it within a second on their own)."""
+        await self._tracker(m.Sync(), m.OkReply)
 
     async def statfs(self) -> FsStats:
         r = await self._tracker(m.StatFs(), m.StatFsReply)

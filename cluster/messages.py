@@ -16,14 +16,16 @@ Units are in the field names; `ino` is an inode number, names are bytes (as FUSE
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar, TypeVar
 
 from cluster.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class MsgType(IntEnum):
@@ -50,8 +52,9 @@ class MsgType(IntEnum):
     REMOVE_DIR = 30
     RENAME = 31
     OPEN_FILE = 32
-    RELEASE_FILE = 33
+    RELEASE_FILES = 33
     STAT_FS = 34
+    SYNC = 35
     ATTR_REPLY = 40
     READ_DIR_REPLY = 41
     READ_LINK_REPLY = 42
@@ -90,14 +93,19 @@ class Message:
     TYPE: ClassVar[MsgType]
 
     def to_wire(self, request_id: int) -> dict[str, Any]:
-        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        body = {name: getattr(self, name) for name in _FIELD_NAMES[type(self)]}
         body["t"] = int(self.TYPE)
         body["id"] = request_id
         return body
 
 
 REGISTRY: dict[int, type[Message]] = {}
-_FIELD_TYPES: dict[type[Message], dict[str, Any]] = {}
+Check = Callable[[Any], bool]
+# Per message class: its field names in order, and a compiled type check per field. Checks
+# are built once at import, because decoding runs on every request and reply and walking the
+# type hints each time cost more than the rest of the decode.
+_FIELD_NAMES: dict[type[Message], tuple[str, ...]] = {}
+_FIELD_CHECKS: dict[type[Message], dict[str, Check]] = {}
 
 M = TypeVar("M", bound=type[Message])
 
@@ -107,32 +115,50 @@ def message(cls: M) -> M:
     if cls.TYPE in REGISTRY:
         raise RuntimeError(f"duplicate message type {cls.TYPE!r}")
     REGISTRY[cls.TYPE] = cls
-    _FIELD_TYPES[cls] = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls)
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    _FIELD_NAMES[cls] = names
+    _FIELD_CHECKS[cls] = {name: _check_for(hints[name]) for name in names}
     return cls
 
 
-def _matches(value: Any, hint: Any) -> bool:
+def _any(value: Any) -> bool:
+    return True
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_float(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_for(hint: Any) -> Check:
+    """A function telling whether a decoded msgpack value fits the type hint `hint`."""
     origin = typing.get_origin(hint)
     if hint is Any:
-        return True
-    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
+        return _any
+    if origin is typing.Union or origin is types.UnionType:
+        options = [_check_for(arg) for arg in typing.get_args(hint)]
+        return lambda value: any(check(value) for check in options)
     if hint is type(None):
-        return value is None
+        return lambda value: value is None
     if origin is list:
-        (item,) = typing.get_args(hint) or (Any,)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
+        (item_hint,) = typing.get_args(hint) or (Any,)
+        item = _check_for(item_hint)
+        if item is _any:
+            return lambda value: isinstance(value, list)
+        return lambda value: isinstance(value, list) and all(item(v) for v in value)
     if origin is dict:
-        return isinstance(value, dict)
+        return lambda value: isinstance(value, dict)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return _is_int
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is bytes:
-        return isinstance(value, bytes)
+        return _is_float
     if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
+        return lambda value: isinstance(value, hint)
+    return _any
 
 
 def decode(body: dict[str, Any]) -> tuple[int, Message]:
@@ -144,12 +170,12 @@ def decode(body: dict[str, Any]) -> tuple[int, Message]:
     cls = REGISTRY.get(msg_type) if isinstance(msg_type, int) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {msg_type!r}")
-    hints = _FIELD_TYPES[cls]
+    checks = _FIELD_CHECKS[cls]
     for name, value in body.items():
-        hint = hints.get(name)
-        if hint is None or name == "TYPE":
+        check = checks.get(name)
+        if check is None:
             raise ProtocolError(f"{cls.__name__}: unknown field {name!r}")
-        if not _matches(value, hint):
+        if not check(value):
             raise ProtocolError(f"{cls.__name__}: field {name!r} has the wrong type")
     try:
         return request_id, cls(**body)
@@ -376,9 +402,12 @@ class OpenFile(Message):
 
 @message
 @dataclass(frozen=True, slots=True)
-class ReleaseFile(Message):
-    TYPE = MsgType.RELEASE_FILE
-    ino: int
+class ReleaseFiles(Message):
+    """Give back opens of this session, one per entry (an inode may appear more than once).
+    Sent in batches: nobody waits for a close to reach the tracker."""
+
+    TYPE = MsgType.RELEASE_FILES
+    inos: list[int]
     session: str
 
 
@@ -390,12 +419,24 @@ class StatFs(Message):
 
 @message
 @dataclass(frozen=True, slots=True)
+class Sync(Message):
+    """Answered once every change committed before it is on the tracker's disk (fsync of a
+    file with nothing left to commit, fsyncdir). Chunk commits do this by themselves."""
+
+    TYPE = MsgType.SYNC
+
+
+@message
+@dataclass(frozen=True, slots=True)
 class AttrReply(Message):
-    """`chunk_size_bytes` is set for regular files created or opened (0 otherwise)."""
+    """`chunk_size_bytes` is set for regular files created or opened (0 otherwise).
+    `parent_attr` is the directory that gained a name (create, mkdir, symlink, link), after the
+    change: the mount keeps it rather than ask for it again, as the kernel does next."""
 
     TYPE = MsgType.ATTR_REPLY
     attr: AttrList
     chunk_size_bytes: int = 0
+    parent_attr: AttrList | None = None
 
 
 @message
@@ -417,11 +458,13 @@ class ReadLinkReply(Message):
 @message
 @dataclass(frozen=True, slots=True)
 class UnlinkReply(Message):
-    """The inode that lost a name, and its remaining link count."""
+    """The inode that lost a name, its remaining link count, and the directory that lost the
+    name, after the change (unlink and rmdir)."""
 
     TYPE = MsgType.UNLINK_REPLY
     ino: int
     nlink: int
+    parent_attr: AttrList | None = None
 
 
 @message

@@ -29,6 +29,8 @@ MAX_HEADER = 4 * 1024 * 1024
 MAX_PAYLOAD = 65 * 1024 * 1024
 
 Buffer = bytes | bytearray | memoryview
+# What one receive asks the socket for when reading prefixes and headers.
+READ_SIZE = 16 * 1024
 
 
 class BufferPool:
@@ -98,7 +100,8 @@ class FrameStream:
         self.stream = stream
         self.limits = limits
         self._send_lock = trio.StrictFIFOLock()
-        self._pending = bytearray()
+        self._pending = bytearray()  # bytes read ahead of the frame being parsed
+        self._gulp = bytearray(READ_SIZE)
         # recv_into a reused buffer is 4x faster than receive_some over loopback; use it when
         # the stream is a plain socket.
         sock = getattr(stream, "socket", None)
@@ -116,24 +119,50 @@ class FrameStream:
 
     async def receive(self) -> tuple[dict[str, Any], bytearray]:
         """Read one frame. Raises ProtocolError on bad framing, EOFError on a clean close."""
-        prefix = bytearray(PREFIX.size)
-        got = await self._receive_into(memoryview(prefix), eof_ok=True)
-        if got == 0:
+        prefix = await self._take(PREFIX.size, eof_ok=True)
+        if prefix is None:
             raise EOFError
         header_len, payload_len = PREFIX.unpack(prefix)
         if header_len == 0 or header_len > self.limits.max_header:
             raise ProtocolError(f"header length {header_len} out of bounds")
         if payload_len > self.limits.max_payload:
             raise ProtocolError(f"payload length {payload_len} out of bounds")
-        raw = bytearray(header_len)
-        await self._receive_into(memoryview(raw))
+        raw = await self._take(header_len)
+        assert raw is not None
         header = unpack_header(raw, self.limits)
         payload = PAYLOADS.take(payload_len) if payload_len else bytearray()
         if payload_len:
             await self._receive_into(memoryview(payload))
         return header, payload
 
+    async def _take(self, size: int, eof_ok: bool = False) -> bytearray | None:
+        """The next `size` bytes, read in gulps of up to READ_SIZE so that a small frame (the
+        prefix, the header and a small payload) costs one receive, not three: each receive is
+        a trip through trio's scheduler. None on a clean close before the first byte."""
+        if size > READ_SIZE:  # a big header: straight into its own buffer
+            out = bytearray(size)
+            got = await self._receive_into(memoryview(out), eof_ok=eof_ok)
+            return out if got else None
+        while len(self._pending) < size:
+            if self._sock is not None:
+                n = await self._sock.recv_into(self._gulp)
+                more: Buffer = memoryview(self._gulp)[:n]
+            else:
+                more = await self.stream.receive_some(READ_SIZE)
+                n = len(more)
+            if n == 0:
+                if eof_ok and not self._pending:
+                    return None
+                raise ProtocolError(
+                    f"connection closed mid-frame ({len(self._pending)}/{size} bytes)"
+                )
+            self._pending += more
+        out = self._pending[:size]
+        del self._pending[:size]
+        return out
+
     async def _receive_into(self, view: memoryview, eof_ok: bool = False) -> int:
+        """Fill `view`: first from what `_take` read ahead, then straight from the socket."""
         filled = 0
         if self._pending:
             take = min(len(self._pending), len(view))
@@ -144,7 +173,7 @@ class FrameStream:
             if self._sock is not None:
                 n = await self._sock.recv_into(view[filled:])
             else:
-                data = await self.stream.receive_some(max(len(view) - filled, 65536))
+                data = await self.stream.receive_some(max(len(view) - filled, READ_SIZE))
                 n = min(len(data), len(view) - filled)
                 view[filled : filled + n] = data[:n]
                 self._pending += data[n:]

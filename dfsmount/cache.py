@@ -239,15 +239,16 @@ class FileState:
 
     # --- flush and commit -----------------------------------------------------------------
 
-    async def flush(self) -> None:
-        """Store and commit every write made before this call; raise the upload error if any."""
+    async def flush(self) -> bool:
+        """Store and commit every write made before this call; raise the upload error if any.
+        Returns whether anything was committed (a commit is on the tracker's disk)."""
         async with self.lock:
-            await self._flush_locked()
+            return await self._flush_locked()
 
-    async def _flush_locked(self) -> None:
+    async def _flush_locked(self) -> bool:
         self._raise_error()
         if not self.has_local_changes:
-            return
+            return False
         size, writes = self.size, self.writes
         for buf in list(self.dirty.values()):
             self.start_upload(buf)
@@ -268,6 +269,7 @@ class FileState:
         self.committed_writes = max(self.committed_writes, writes)
         if not self.has_local_changes:
             self.size, self.mtime_ns = attr.size, attr.mtime_ns
+        return True
 
     async def setattr(self, **fields: int | None) -> Attr:
         """A tracker setattr that must not be overtaken by a later commit (size, times):

@@ -29,6 +29,7 @@ from cluster.errors import DfsError
 from dfsmount.cache import DataCache, FileState
 from dfsmount.handles import HandleTable, OpenDir
 from dfsmount.inodes import AttrCache, DirCache, InodeTable, entry_attributes
+from dfsmount.releases import ReleaseQueue
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ class Operations(pyfuse3.Operations):
         self.handles = HandleTable()
         self.data = DataCache(client, nursery, dirty_bytes=dirty_bytes, cache_bytes=cache_bytes)
         self.data.on_commit = self.attrs.put
+        client.dir_changed = self.attrs.put_newer
+        self.releases = ReleaseQueue(client)
+        nursery.start_soon(self.releases.run, name="releases")
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
 
     def _reply(self, attr: Attr, *, lookup: bool) -> pyfuse3.EntryAttributes:
@@ -197,7 +201,6 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         log.debug("mknod %d %r %o", parent_inode, name, mode)
         attr = await self.client.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev)
-        self.attrs.drop(parent_inode)  # its mtime (and nlink) changed
         self.dirs.added(parent_inode, name, attr)
         return self._reply(attr, lookup=True)
 
@@ -211,7 +214,6 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         log.debug("mkdir %d %r %o", parent_inode, name, mode)
         attr = await self.client.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid)
-        self.attrs.drop(parent_inode)  # its mtime (and nlink) changed
         self.dirs.added(parent_inode, name, attr)
         return self._reply(attr, lookup=True)
 
@@ -221,7 +223,6 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         log.debug("unlink %d %r", parent_inode, name)
         ino, nlink = await self.client.unlink(parent_inode, name)
-        self.attrs.drop(parent_inode)
         self.attrs.drop(ino)  # nlink and ctime changed
         self.dirs.removed(parent_inode, name)
         if nlink:
@@ -233,7 +234,6 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         log.debug("rmdir %d %r", parent_inode, name)
         await self.client.rmdir(parent_inode, name)
-        self.attrs.drop(parent_inode)
         self.dirs.removed(parent_inode, name)
 
     @fuse_op
@@ -246,7 +246,6 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         log.debug("symlink %d %r -> %r", parent_inode, name, target)
         attr = await self.client.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
-        self.attrs.drop(parent_inode)  # its mtime (and nlink) changed
         self.dirs.added(parent_inode, name, attr)
         return self._reply(attr, lookup=True)
 
@@ -285,7 +284,6 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         log.debug("link %d -> %d %r", inode, new_parent_inode, new_name)
         attr = await self.client.link(inode, new_parent_inode, new_name)
-        self.attrs.drop(new_parent_inode)  # its mtime (and nlink) changed
         self.dirs.added(new_parent_inode, new_name, attr)
         return self._reply(attr, lookup=True)
 
@@ -334,8 +332,7 @@ class Operations(pyfuse3.Operations):
                     keep = not state.adopt(fresh)
                 handle = self.handles.add_file(ino, flags, state)
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self.client.release_file(ino)
+                self.releases.put(ino)
                 raise
         if not keep:
             self.inodes.note_reported(ino, fresh.size, fresh.mtime_ns)
@@ -374,7 +371,6 @@ class Operations(pyfuse3.Operations):
         # One tracker trip creates and opens the file, and tells its chunk size: a new file
         # has no chunks, so nothing else needs asking before the first write.
         attr, chunk_size = await self.client.create(parent_inode, name, mode, ctx.uid, ctx.gid)
-        self.attrs.drop(parent_inode)  # its mtime (and nlink) changed
         self.dirs.added(parent_inode, name, attr)
         _, fh, _ = await self._open(attr.ino, flags, attr, created_chunk_size=chunk_size)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), self._reply(
@@ -405,7 +401,8 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         log.debug("fsync %d", fh)
-        await self.handles.files[fh].state.flush()
+        if not await self.handles.files[fh].state.flush():
+            await self.client.sync()  # nothing to commit: the file's creation may still be new
 
     @fuse_op
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
@@ -424,7 +421,7 @@ class Operations(pyfuse3.Operations):
             finally:
                 if not self.handles.is_open(ino):
                     self.data.drop(ino)
-            await self.client.release_file(ino)
+                self.releases.put(ino)
 
     # --- directories ----------------------------------------------------------------------
 
@@ -473,7 +470,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
-        """Every namespace change is already committed on the tracker when it returns."""
+        """Namespace changes are committed when they return; this puts them on the disk."""
+        await self.client.sync()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -483,7 +481,5 @@ class Operations(pyfuse3.Operations):
         await self.data.flush_all()
         for handle in list(self.handles.files.values()):
             self.handles.remove_file(handle.fh)
-            try:
-                await self.client.release_file(handle.ino)
-            except DfsError as exc:
-                log.info("inode %d: could not release on the tracker: %s", handle.ino, exc)
+            self.releases.put(handle.ino)
+        await self.releases.flush()

@@ -4,8 +4,9 @@ rule for when an inode stops being open on this mount.
 All handles on one inode share its `FileState` (dfsmount.cache), from the first open to the
 last release; those two edges are serialized per inode by `inode_lock`, so a release racing
 with a new open never drops the state the new open has just joined. The tracker counts opens
-per session: every handle holds one (`Client.open_file` at open, `release_file` at its
-release), which keeps an unlinked file's data until the last handle anywhere is gone.
+per session: every handle holds one (`Client.open_file` at open, given back through the
+`ReleaseQueue` after its release), which keeps an unlinked file's data until the last
+handle anywhere is gone.
 """
 
 from __future__ import annotations

@@ -64,8 +64,10 @@ class AttrCache:
 
     The kernel itself may keep attributes that long, so reusing them here loses no
     consistency, and it saves the tracker round trip that follows every write (the kernel
-    drops its cached attributes after a write and asks again). Whatever this mount changes in
-    the namespace clears the cache; a commit or a setattr stores the tracker's new answer.
+    drops its cached attributes after a write and asks again). A commit or a setattr stores
+    the tracker's new answer; a create, mkdir, link, unlink or rmdir stores the directory's
+    new attributes from the reply (the kernel asks for them right after), and a rename clears
+    the cache.
     """
 
     def __init__(self) -> None:
@@ -82,6 +84,13 @@ class AttrCache:
         if len(self._entries) > 100_000:
             self._entries.clear()  # a bound, not a policy: entries are short-lived anyway
         return attr
+
+    def put_newer(self, attr: Attr) -> None:
+        """Store `attr` unless the cache holds a newer change of the inode: replies to
+        concurrent changes of one directory may arrive in any order."""
+        entry = self._entries.get(attr.ino)
+        if entry is None or entry[0].ctime_ns <= attr.ctime_ns:
+            self.put(attr)
 
     def drop(self, ino: int) -> None:
         self._entries.pop(ino, None)

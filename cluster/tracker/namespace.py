@@ -182,7 +182,8 @@ class Namespace:
             removal = self._drop_link(inode)
             return inode, removal
 
-    def rmdir(self, parent: int, name: bytes) -> None:
+    def rmdir(self, parent: int, name: bytes) -> Inode:
+        """Remove an empty directory; returns it as it was."""
         with self.store.transaction():
             directory = self.directory(parent)
             if name == b".":
@@ -198,6 +199,7 @@ class Namespace:
             self.store.delete_inode(inode.ino)
             directory.nlink -= 1
             self._touch_dir(directory)
+            return inode
 
     def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
@@ -325,7 +327,9 @@ class Namespace:
         return inode
 
     def release(self, ino: int, session: str) -> Removal:
-        holders = self.open_by.get(ino, {})
+        holders = self.open_by.get(ino)
+        if holders is None:
+            return Removal()  # never opened (or the tracker restarted since): nothing held
         if session in holders:
             holders[session] -= 1
             if holders[session] <= 0:

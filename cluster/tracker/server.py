@@ -23,6 +23,7 @@ from cluster.errors import InvalidArgument, NoSpace, NotFound, StaleChunk, Unava
 from cluster.protocol import Buffer
 from cluster.serve import ServeOptions, Server
 from cluster.tracker import placement
+from cluster.tracker.durability import GroupSync
 from cluster.tracker.healer import Healer
 from cluster.tracker.keepers import KeeperRegistry, KeeperState
 from cluster.tracker.namespace import Namespace, Removal
@@ -68,6 +69,7 @@ class Tracker:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = SqliteStore(data_dir / "meta.db")
         self.namespace = Namespace(self.store, chunk_size)
+        self.durable = GroupSync(self.store)
         self.registry = KeeperRegistry(dead_after_s, self.store.draining())
         self.healer = Healer(
             self.store,
@@ -98,8 +100,9 @@ class Tracker:
             m.RemoveDir: self.remove_dir,
             m.Rename: self.rename,
             m.OpenFile: self.open_file,
-            m.ReleaseFile: self.release_file,
+            m.ReleaseFiles: self.release_files,
             m.StatFs: self.stat_fs,
+            m.Sync: self.sync,
             m.GetChunks: self.get_chunks,
             m.AllocateChunk: self.allocate_chunk,
             m.CommitChunks: self.commit_chunks,
@@ -121,6 +124,7 @@ class Tracker:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.healer.run, name="healer")
+                nursery.start_soon(self.durable.run, name="background sync")
                 bound = await nursery.start(self.server.run, host, port)
                 task_status.started(bound)
                 # After shutdown() the server finishes the requests (commits) in flight and
@@ -180,34 +184,43 @@ class Tracker:
             entries=[[name, inode.as_list(), cookie] for name, inode, cookie in entries]
         )
 
+    def _dir_attr(self, ino: int) -> list[int]:
+        """A directory's attributes right after this request changed it, for the reply."""
+        return self.namespace.inode(ino).as_list()
+
     async def make_node(self, msg: m.MakeNode, peer: str) -> m.Message:
         inode = self.namespace.make_node(msg.parent, msg.name, msg.mode, msg.uid, msg.gid, msg.rdev)
+        parent_attr = self._dir_attr(msg.parent)
         if not (msg.session and stat.S_ISREG(inode.mode)):
-            return m.AttrReply(attr=inode.as_list())
+            return m.AttrReply(attr=inode.as_list(), parent_attr=parent_attr)
         self.namespace.open(inode.ino, msg.session)
         return m.AttrReply(
-            attr=inode.as_list(), chunk_size_bytes=inode.chunk_size or self.chunk_size
+            attr=inode.as_list(),
+            chunk_size_bytes=inode.chunk_size or self.chunk_size,
+            parent_attr=parent_attr,
         )
 
     async def symlink(self, msg: m.Symlink, peer: str) -> m.Message:
         inode = self.namespace.symlink(msg.parent, msg.name, msg.target, msg.uid, msg.gid)
-        return m.AttrReply(attr=inode.as_list())
+        return m.AttrReply(attr=inode.as_list(), parent_attr=self._dir_attr(msg.parent))
 
     async def read_link(self, msg: m.ReadLink, peer: str) -> m.Message:
         return m.ReadLinkReply(target=self.namespace.readlink(msg.ino))
 
     async def link(self, msg: m.Link, peer: str) -> m.Message:
         inode = self.namespace.link(msg.ino, msg.new_parent, msg.new_name)
-        return m.AttrReply(attr=inode.as_list())
+        return m.AttrReply(attr=inode.as_list(), parent_attr=self._dir_attr(msg.new_parent))
 
     async def unlink(self, msg: m.Unlink, peer: str) -> m.Message:
         inode, removal = self.namespace.unlink(msg.parent, msg.name)
         self._removed(removal)
-        return m.UnlinkReply(ino=inode.ino, nlink=inode.nlink)
+        return m.UnlinkReply(
+            ino=inode.ino, nlink=inode.nlink, parent_attr=self._dir_attr(msg.parent)
+        )
 
     async def remove_dir(self, msg: m.RemoveDir, peer: str) -> m.Message:
-        self.namespace.rmdir(msg.parent, msg.name)
-        return m.OkReply()
+        inode = self.namespace.rmdir(msg.parent, msg.name)
+        return m.UnlinkReply(ino=inode.ino, nlink=0, parent_attr=self._dir_attr(msg.parent))
 
     async def rename(self, msg: m.Rename, peer: str) -> m.Message:
         removal = self.namespace.rename(
@@ -222,8 +235,13 @@ class Tracker:
             attr=inode.as_list(), chunk_size_bytes=inode.chunk_size or self.chunk_size
         )
 
-    async def release_file(self, msg: m.ReleaseFile, peer: str) -> m.Message:
-        self._removed(self.namespace.release(msg.ino, msg.session))
+    async def release_files(self, msg: m.ReleaseFiles, peer: str) -> m.Message:
+        for ino in msg.inos:
+            self._removed(self.namespace.release(ino, msg.session))
+        return m.OkReply()
+
+    async def sync(self, msg: m.Sync, peer: str) -> m.Message:
+        await self.durable.sync()
         return m.OkReply()
 
     async def stat_fs(self, msg: m.StatFs, peer: str) -> m.Message:
@@ -289,6 +307,10 @@ class Tracker:
             self.store.add_allocation(chunk_id, version, msg.ino, msg.index)
         for keeper in chosen:
             keeper.reserved_bytes += chunk_bytes
+        if version > 1:
+            # A new version of a chunk that exists: after a power loss, the version counter
+            # must not hand this number out again (fresh ids are protected by the store).
+            await self.durable.sync()
         return m.AllocateReply(
             chunk_id=chunk_id,
             version=version,
@@ -323,6 +345,7 @@ class Tracker:
             self.store.update_inode(inode)
         for old in replaced:
             self.registry.queue_delete(old.chunk_id, old.version)
+        await self.durable.sync()  # the data is acknowledged when this returns
         return m.AttrReply(attr=inode.as_list())
 
     async def abandon_chunks(self, msg: m.AbandonChunks, peer: str) -> m.Message:
@@ -512,6 +535,10 @@ class Tracker:
             row = self.store.chunk_by_id(chunk_id)
             self.healer.copy_arrived(keeper.keeper_id, chunk_id, row.length if row else 0)
         delete = sorted(keeper.to_delete)
-        keeper.to_delete.clear()
+        if delete:
+            # What made these chunks deletable (an unlink, a truncate, a newer version) must
+            # be on the disk first, or a power loss could bring back a name without its data.
+            await self.durable.sync()
+            keeper.to_delete.difference_update(delete)
         replicate, keeper.to_replicate = keeper.to_replicate, []
         return m.HeartbeatReply(delete=[[c, v] for c, v in delete], replicate=replicate)

@@ -18,12 +18,17 @@ from tests.mount.conftest import MountFactory
 pytestmark = pytest.mark.mount
 
 
-def tracker_lookups(port: int) -> float:
+def tracker_requests(port: int) -> dict[str, float]:
+    """Requests the tracker answered so far, by message type."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    match = re.search(
-        r'^dfs_request_seconds_count\{role="tracker",type="Lookup"\} (\S+)$', text, re.M
+    found = re.findall(
+        r'^dfs_request_seconds_count\{role="tracker",type="(\w+)"\} (\S+)$', text, re.M
     )
-    return float(match[1]) if match else 0.0
+    return {name: float(count) for name, count in found}
+
+
+def tracker_lookups(port: int) -> float:
+    return tracker_requests(port).get("Lookup", 0.0)
 
 
 def test_lookups_in_one_directory_are_served_from_its_listing(
@@ -60,3 +65,43 @@ def test_lookups_in_one_directory_are_served_from_its_listing(
         assert time.monotonic() < deadline, "a name made on another mount never appeared"
         time.sleep(0.1)
     assert (reader.path / "d" / "late").read_bytes() == b"late"
+
+
+def test_a_create_or_an_unlink_is_one_tracker_request(
+    make_cluster: MakeCluster, mount: MountFactory
+) -> None:
+    """The reply to a create or unlink carries the directory's new attributes, which the
+    kernel asks for next, and closes are given back to the tracker in batches."""
+    port = free_port()
+    cluster = make_cluster(tracker_args=["--metrics", f"127.0.0.1:{port}"])
+    fs = mount(cluster, "fs")
+    d = fs.path / "d"
+    d.mkdir()
+    mtime = os.stat(d).st_mtime_ns
+
+    def requests() -> float:
+        counts = tracker_requests(port)
+        return sum(n for name, n in counts.items() if name not in ("Heartbeat", "RegisterKeeper"))
+
+    before = requests()
+    for i in range(100):
+        os.close(os.open(d / f"f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    time.sleep(0.5)  # let the batched releases go out
+    created = requests() - before
+    # One create each, plus a few lookups and listings and the batched releases; asking for
+    # the directory's attributes and releasing one by one would make it 300.
+    assert created <= 130, f"{created} tracker requests for 100 creates"
+    st = os.stat(d)
+    assert st.st_mtime_ns > mtime
+    for i in range(3):
+        (d / f"sub{i}").mkdir()
+    assert os.stat(d).st_nlink == 2 + 3  # the parent's cached attributes follow each change
+
+    before = requests()
+    for i in range(100):
+        os.unlink(d / f"f{i}")
+    unlinked = requests() - before
+    assert unlinked <= 130, f"{unlinked} tracker requests for 100 unlinks"
+    (d / "sub0").rmdir()
+    assert os.stat(d).st_nlink == 2 + 2
+    assert sorted(os.listdir(d)) == ["sub1", "sub2"]

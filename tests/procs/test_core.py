@@ -12,6 +12,7 @@ from pathlib import Path
 
 import msgpack
 
+from cluster import messages as m
 from tests.cluster_procs import BIN, ProcCluster, chunk_files
 from tests.conftest import MakeCluster, random_file
 
@@ -135,7 +136,9 @@ def _frame(body: dict[str, object]) -> bytes:
 
 def test_bad_input_closes_only_that_connection(make_cluster: MakeCluster, tmp_path: Path) -> None:
     cluster = make_cluster(keepers=2, replication=2)
-    hello = _frame({"t": 1, "id": 1, "version": 1, "role": "client", "nonce": bytes(32)})
+    hello = _frame(
+        {"t": 1, "id": 1, "version": m.PROTOCOL_VERSION, "role": "client", "nonce": bytes(32)}
+    )
     attacks = {
         "garbage": b"\x13\x37" * 5000,
         "huge length": struct.pack(">II", 0xFFFFFFF0, 0xFFFFFFF0),

@@ -77,7 +77,11 @@ def test_wrong_or_missing_secret_gets_nothing(cluster: ProcCluster, tmp_path: Pa
         trio.run(read_chunk, auth.load_secret(wrong))
     # Without any secret a raw client can only say hello: the chunk request closes the link.
     with _connect(chunk["keepers"][0]) as sock:
-        sock.sendall(_frame({"t": 1, "id": 1, "version": 1, "role": "x", "nonce": bytes(32)}))
+        sock.sendall(
+            _frame(
+                {"t": 1, "id": 1, "version": m.PROTOCOL_VERSION, "role": "x", "nonce": bytes(32)}
+            )
+        )
         assert _read_frame(sock)["t"] == int(m.MsgType.HELLO_REPLY)
         sock.sendall(
             _frame({"t": int(m.MsgType.READ_CHUNK), "id": 2, "chunk_id": chunk["id"], "version": 1})
@@ -95,7 +99,9 @@ def test_wrong_or_missing_secret_gets_nothing(cluster: ProcCluster, tmp_path: Pa
 def test_recorded_handshake_cannot_be_replayed(cluster: ProcCluster) -> None:
     secret = auth.load_secret(cluster.secret_file)
     client_nonce = auth.nonce()
-    hello = _frame({"t": 1, "id": 1, "version": 1, "role": "client", "nonce": client_nonce})
+    hello = _frame(
+        {"t": 1, "id": 1, "version": m.PROTOCOL_VERSION, "role": "client", "nonce": client_nonce}
+    )
     with _connect(cluster.tracker_addr) as sock:
         sock.sendall(hello)
         reply = _read_frame(sock)
@@ -193,7 +199,17 @@ def test_tls_round_trip_and_plain_clients_get_nothing(
     assert filecmp.cmp(data, tmp_path / "out", shallow=False)
     for addr in (cluster.tracker_addr, cluster.keepers[0].addr):
         with _connect(addr) as sock:
-            sock.sendall(_frame({"t": 1, "id": 1, "version": 1, "role": "x", "nonce": bytes(32)}))
+            sock.sendall(
+                _frame(
+                    {
+                        "t": 1,
+                        "id": 1,
+                        "version": m.PROTOCOL_VERSION,
+                        "role": "x",
+                        "nonce": bytes(32),
+                    }
+                )
+            )
             received = b""
             try:
                 while chunk := sock.recv(4096):
@@ -211,7 +227,9 @@ def test_tls_round_trip_and_plain_clients_get_nothing(
 
 def test_trickling_connections_are_dropped(cluster: ProcCluster, tmp_path: Path) -> None:
     """Slowloris: 200 connections sending a byte a second hold nothing for long."""
-    hello = _frame({"t": 1, "id": 1, "version": 1, "role": "x", "nonce": bytes(32)})
+    hello = _frame(
+        {"t": 1, "id": 1, "version": m.PROTOCOL_VERSION, "role": "x", "nonce": bytes(32)}
+    )
     socks = []
     targets = [cluster.tracker_addr, cluster.keepers[0].addr]
     for i in range(200):

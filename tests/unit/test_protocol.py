@@ -92,3 +92,30 @@ def test_invalid_messages(body: dict[str, object]) -> None:
 def test_message_types_are_unique_and_registered() -> None:
     assert len(m.REGISTRY) == len({cls.TYPE for cls in m.REGISTRY.values()})
     assert m.REGISTRY[int(m.MsgType.PUT_CHUNK)] is m.PutChunk
+
+
+async def test_back_to_back_frames_over_a_socket() -> None:
+    """Frames sent in one burst over a real socket are parsed from the read-ahead buffer and
+    straight from the socket alike: small ones, payloads and headers larger than one read."""
+    left, right = trio.socket.socketpair()
+    sender = FrameStream(trio.SocketStream(left))
+    receiver = FrameStream(trio.SocketStream(right))
+    frames = []
+    for i in range(60):
+        names = [b"n" * (i * 97 % 300)] * (1 + i * 37 % 400)  # headers up to ~120 KB
+        payload = bytes([i]) * (i * 4099 % 70_000 if i % 3 else 0)
+        frames.append((m.ReadDirReply(entries=[[n, [i], i] for n in names]), payload))
+    async with trio.open_nursery() as nursery:
+
+        async def send_all() -> None:
+            for i, (msg, payload) in enumerate(frames):
+                await sender.send(msg.to_wire(i), payload)
+
+        nursery.start_soon(send_all)
+        for i, (msg, payload) in enumerate(frames):
+            header, data = await receiver.receive()
+            assert m.decode(header) == (i, msg)
+            assert data == payload
+    await sender.aclose()
+    with pytest.raises(EOFError):
+        await receiver.receive()

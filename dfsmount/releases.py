@@ -1,0 +1,58 @@
+"""Opens given back to the tracker in the background, in batches.
+
+Every open on the mount holds an open on the tracker (so that an unlinked file keeps its data
+while it is open), and every `release` gives it back. Nobody waits for that answer: close(2)
+has returned by the time the kernel sends the release, and a late one only keeps an unlinked
+file a moment longer. So a release is queued here and one task sends whatever has gathered
+in a single `ReleaseFiles`: a `cp -r` of small files costs one tracker trip per file (the
+create) instead of two. Order against later opens does not matter, because the tracker only
+counts them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from cluster.client import Client
+from cluster.errors import DfsError
+
+log = logging.getLogger(__name__)
+
+# Inodes per ReleaseFiles message: bounds the frame and the tracker's time on one request.
+BATCH = 1000
+# How long releases gather before they are sent: a program closing files one after another
+# then costs the tracker one request per this interval rather than one per file.
+GATHER_S = 0.05
+
+
+class ReleaseQueue:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self._inos: list[int] = []
+        self._queued = trio.Event()
+
+    def put(self, ino: int) -> None:
+        """Give back one open of `ino` soon; never blocks."""
+        self._inos.append(ino)
+        self._queued.set()
+
+    async def run(self) -> None:
+        """Send releases as they come, until cancelled."""
+        while True:
+            await self._queued.wait()
+            await trio.sleep(GATHER_S)
+            self._queued = trio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Send everything queued now. A failure (the tracker unreachable for longer than the
+        client's retry window) is logged: the opens are soft state the tracker drops when it
+        restarts, which is what a tracker that long gone is doing."""
+        while self._inos:
+            batch, self._inos = self._inos[:BATCH], self._inos[BATCH:]
+            try:
+                await self.client.release_files(batch)
+            except DfsError as exc:
+                log.warning("could not give back %d opens to the tracker: %s", len(batch), exc)
