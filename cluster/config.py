@@ -115,6 +115,7 @@ KEYS: dict[str, Key] = {
         Key("metrics", _str, "", "HOST:PORT of the Prometheus metrics", ("tracker", "keeper")),
         Key("dirty_mb", _int, 192, "bound on buffered writes", ("mount",)),
         Key("cache_mb", _int, 192, "bound on the read cache", ("mount",)),
+        Key("readahead_kb", _int, 1024, "kernel read-ahead of the mount (0: leave)", ("mount",)),
         Key(
             "transfers",
             _int,

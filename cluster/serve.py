@@ -27,7 +27,7 @@ from cluster import auth, metrics
 from cluster import messages as m
 from cluster.auth import Credentials
 from cluster.errors import AuthFailed, DfsError, ProtocolError
-from cluster.protocol import Buffer, FrameStream, Limits
+from cluster.protocol import FileRegion, FrameStream, Limits, Payload
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class Handler(Protocol):
     async def handle(
         self, msg: m.Message, payload: bytearray, peer: str
-    ) -> tuple[m.Message, Buffer]:
+    ) -> tuple[m.Message, Payload]:
         """Answer one request; raise DfsError to answer with an error."""
         ...
 
@@ -183,7 +183,7 @@ async def _serve_connection(server: Server, stream: trio.abc.Stream, peer: str) 
             request_id, request = m.decode(header)
             name = type(request).__name__
             started = time.perf_counter()
-            out_payload: Buffer = b""
+            out_payload: Payload = b""
             if isinstance(request, m.Ping):
                 answer: m.Message = m.Pong()
             else:
@@ -197,7 +197,11 @@ async def _serve_connection(server: Server, stream: trio.abc.Stream, peer: str) 
                     log.exception("%s from %s failed", name, peer)
                     answer = m.ErrorReply(code=DfsError.code, message=f"internal error: {exc}")
                     metrics.REQUEST_ERRORS.labels(role, name).inc()
-            await frames.send(answer.to_wire(request_id), out_payload)
+            try:
+                await frames.send(answer.to_wire(request_id), out_payload)
+            finally:
+                if isinstance(out_payload, FileRegion):
+                    out_payload.close()
             metrics.REQUEST_SECONDS.labels(role, name).observe(time.perf_counter() - started)
             metrics.BYTES_RECEIVED.labels(role).inc(len(payload))
             metrics.BYTES_SENT.labels(role).inc(len(out_payload))

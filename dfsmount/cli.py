@@ -42,6 +42,7 @@ from cluster.errors import AuthFailed, DfsError
 from cluster.logs import setup_logging
 from cluster.notify import notify
 from dfsmount.fs import Operations
+from dfsmount.readahead import set_readahead
 
 log = logging.getLogger(__name__)
 
@@ -240,12 +241,15 @@ async def serve(
                 dirty_bytes=settings["dirty_mb"] << 20,
                 cache_bytes=settings["cache_mb"] << 20,
             )
+            resolved = os.path.realpath(mountpoint)  # not after mounting: see set_readahead
             try:
                 pyfuse3.init(ops, mountpoint, options)
             except RuntimeError as exc:
                 print(f"{PROG}: cannot mount at {mountpoint}: {exc}", file=sys.stderr, flush=True)
                 nursery.cancel_scope.cancel()
                 return 1
+            if settings["readahead_kb"]:
+                nursery.start_soon(tune_readahead, ops, resolved, settings["readahead_kb"])
             try:
                 await nursery.start(watch_signals, ops)
                 log.info(
@@ -265,6 +269,15 @@ async def serve(
                     log.warning("shutdown flush gave up after %g s", SHUTDOWN_FLUSH_S)
                 nursery.cancel_scope.cancel()
     return 0
+
+
+async def tune_readahead(ops: Operations, mountpoint: str, kib: int) -> None:
+    """Once the kernel has taken the answer to INIT (which resets the read-ahead to at most
+    its own default), set ours."""
+    await ops.session_started.wait()
+    # The INIT answer is written when the handler that set the event returns.
+    await trio.lowlevel.checkpoint()
+    set_readahead(mountpoint, kib)
 
 
 async def watch_signals(ops: Operations, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -90,6 +90,13 @@ class Operations(pyfuse3.Operations):
         client.dir_changed = self.attrs.put_newer
         self.releases = ReleaseQueue(client)
         nursery.start_soon(self.releases.run, name="releases")
+        # Set once the kernel's INIT request is answered: the kernel applies its settings for
+        # the mount (read-ahead among them) when it gets that answer.
+        self.session_started = trio.Event()
+
+    def init(self) -> None:
+        """pyfuse3 calls this for INIT, just before answering it."""
+        self.session_started.set()
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
 
     def _reply(self, attr: Attr, *, lookup: bool) -> pyfuse3.EntryAttributes:

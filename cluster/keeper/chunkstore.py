@@ -29,6 +29,7 @@ import trio
 
 from cluster import checksum
 from cluster.errors import ChecksumMismatch, InvalidArgument, NoSpace, NotFound
+from cluster.protocol import FileRegion
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,15 @@ def check_ids(chunk_id: int, version: int) -> None:
 def data_offset(length: int) -> int:
     head = HEAD.size + checksum.CHECKSUM_SIZE * checksum.block_count(length)
     return (head + PAGE - 1) // PAGE * PAGE
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkSpan:
+    length: int  # the chunk's whole length
+    first_block: int
+    checksums: bytes  # of every block of the chunk
+    file_offset: int  # where the whole blocks from first_block start in the file
+    file_length: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,28 +178,62 @@ class ChunkStore:
             raise NotFound(f"chunk {chunk_id:x} v{version} is not here")
         return await trio.to_thread.run_sync(self._read_sync, chunk_id, version, offset, length)
 
-    def _read_sync(self, chunk_id: int, version: int, offset: int, length: int) -> ChunkRead:
+    async def open_read(
+        self, chunk_id: int, version: int, offset: int, length: int
+    ) -> tuple[ChunkSpan, FileRegion]:
+        """Like `read`, but the blocks stay in the file: the region is sent with sendfile."""
+        check_ids(chunk_id, version)
+        if (chunk_id, version) not in self.chunks:
+            raise NotFound(f"chunk {chunk_id:x} v{version} is not here")
+        return await trio.to_thread.run_sync(
+            self._open_read_sync, chunk_id, version, offset, length
+        )
+
+    def _open(self, chunk_id: int, version: int) -> int:
         try:
-            fd = os.open(self.path(chunk_id, version), os.O_RDONLY)
+            return os.open(self.path(chunk_id, version), os.O_RDONLY)
         except FileNotFoundError:
             raise NotFound(f"chunk {chunk_id:x} v{version} is gone") from None
+
+    def _read_sync(self, chunk_id: int, version: int, offset: int, length: int) -> ChunkRead:
+        fd = self._open(chunk_id, version)
         try:
-            magic, total, blocks = HEAD.unpack(os.pread(fd, HEAD.size, 0))
-            if magic != MAGIC or blocks != checksum.block_count(total):
-                raise ChecksumMismatch(f"chunk {chunk_id:x} v{version}: bad header")
-            sums = os.pread(fd, blocks * checksum.CHECKSUM_SIZE, HEAD.size)
-            if offset < 0 or length < 0 or offset > total:
-                raise InvalidArgument("range outside the chunk")
-            end = total if length == 0 else min(total, offset + length)
-            first = offset // checksum.BLOCK_SIZE
-            start = first * checksum.BLOCK_SIZE
-            stop = min(
-                total, (end + checksum.BLOCK_SIZE - 1) // checksum.BLOCK_SIZE * checksum.BLOCK_SIZE
-            )
-            data = os.pread(fd, stop - start, data_offset(total) + start)
+            span = self._span(fd, chunk_id, version, offset, length)
+            data = os.pread(fd, span.file_length, span.file_offset)
         finally:
             os.close(fd)
-        return ChunkRead(total, first, sums, data)
+        return ChunkRead(span.length, span.first_block, span.checksums, data)
+
+    def _open_read_sync(
+        self, chunk_id: int, version: int, offset: int, length: int
+    ) -> tuple[ChunkSpan, FileRegion]:
+        fd = self._open(chunk_id, version)
+        try:
+            span = self._span(fd, chunk_id, version, offset, length)
+            if os.fstat(fd).st_size < span.file_offset + span.file_length:
+                raise ChecksumMismatch(f"chunk {chunk_id:x} v{version}: file is truncated")
+        except BaseException:
+            os.close(fd)
+            raise
+        return span, FileRegion(fd, span.file_offset, span.file_length)
+
+    @staticmethod
+    def _span(fd: int, chunk_id: int, version: int, offset: int, length: int) -> ChunkSpan:
+        """Where the whole blocks covering [offset, offset+length) lie in the open chunk file
+        (length 0: to the end), with the checksums from its header."""
+        magic, total, blocks = HEAD.unpack(os.pread(fd, HEAD.size, 0))
+        if magic != MAGIC or blocks != checksum.block_count(total):
+            raise ChecksumMismatch(f"chunk {chunk_id:x} v{version}: bad header")
+        sums = os.pread(fd, blocks * checksum.CHECKSUM_SIZE, HEAD.size)
+        if offset < 0 or length < 0 or offset > total:
+            raise InvalidArgument("range outside the chunk")
+        end = total if length == 0 else min(total, offset + length)
+        first = offset // checksum.BLOCK_SIZE
+        start = first * checksum.BLOCK_SIZE
+        stop = min(
+            total, (end + checksum.BLOCK_SIZE - 1) // checksum.BLOCK_SIZE * checksum.BLOCK_SIZE
+        )
+        return ChunkSpan(total, first, sums, data_offset(total) + start, stop - start)
 
     def verify(self, chunk_id: int, version: int) -> bool:
         """Re-read a whole chunk and check it (the scrubber's unit of work)."""

@@ -16,7 +16,7 @@ from cluster import messages as m
 from cluster.auth import Credentials
 from cluster.errors import DfsError, InvalidArgument
 from cluster.keeper.chunkstore import ChunkStore, check_ids
-from cluster.protocol import PAYLOADS, Buffer
+from cluster.protocol import PAYLOADS, Payload
 from cluster.rpc import ConnectionPool
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class KeeperServer:
 
     async def handle(
         self, msg: m.Message, payload: bytearray, peer: str
-    ) -> tuple[m.Message, Buffer]:
+    ) -> tuple[m.Message, Payload]:
         if isinstance(msg, m.PutChunk):
             reply = await self.put_chunk(msg, payload)
             PAYLOADS.give(payload)  # stored and forwarded: no view of it is left
@@ -91,12 +91,14 @@ class KeeperServer:
             failed += reply.failed
         return m.PutChunkReply(stored=stored, failed=failed)
 
-    async def read_chunk(self, msg: m.ReadChunk) -> tuple[m.Message, Buffer]:
-        chunk = await self.store.read(msg.chunk_id, msg.version, msg.offset_bytes, msg.length_bytes)
+    async def read_chunk(self, msg: m.ReadChunk) -> tuple[m.Message, Payload]:
+        chunk, region = await self.store.open_read(
+            msg.chunk_id, msg.version, msg.offset_bytes, msg.length_bytes
+        )
         reply = m.ReadChunkReply(
             length_bytes=chunk.length, first_block=chunk.first_block, checksums=chunk.checksums
         )
-        return reply, chunk.data
+        return reply, region  # sent straight from the file, then closed (serve.py)
 
     async def delete(self, chunk_id: int, version: int) -> None:
         try:

@@ -20,7 +20,7 @@ import trio
 from cluster import messages as m
 from cluster.auth import Credentials
 from cluster.errors import InvalidArgument, NoSpace, NotFound, StaleChunk, Unavailable
-from cluster.protocol import Buffer
+from cluster.protocol import Payload
 from cluster.serve import ServeOptions, Server
 from cluster.tracker import placement
 from cluster.tracker.durability import GroupSync
@@ -139,7 +139,7 @@ class Tracker:
 
     async def handle(
         self, msg: m.Message, payload: bytearray, peer: str
-    ) -> tuple[m.Message, Buffer]:
+    ) -> tuple[m.Message, Payload]:
         handler = self._handlers.get(type(msg))
         if handler is None:
             raise InvalidArgument(f"the tracker does not serve {type(msg).__name__}")

@@ -146,3 +146,14 @@ def test_sigterm_flushes_open_files_and_unmounts(
     m.check_logs()
     other = mount(cluster, "other")
     assert (other.path / "open-at-sigterm").read_bytes() == data
+
+
+def _readahead_kb(path: Path) -> int:
+    dev = os.stat(path).st_dev
+    bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    return int(bdi.read_text())
+
+
+def test_kernel_readahead_is_set_on_the_mount(cluster: ProcCluster, mount: MountFactory) -> None:
+    assert _readahead_kb(mount(cluster, "default").path) == 1024
+    assert _readahead_kb(mount(cluster, "tuned", "--readahead-kb", "2048").path) == 2048

@@ -30,6 +30,29 @@ async def test_write_read_delete(tmp_path: Path) -> None:
         await store.read(1, 1, 0, 0)
 
 
+async def test_regions_for_sendfile_hold_the_same_blocks(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    data = os.urandom(3 * checksum.BLOCK_SIZE + 5)
+    await store.write(7, 2, data, checksum.block_checksums(data))
+    for offset, length in [(0, 0), (checksum.BLOCK_SIZE + 1, 10), (len(data) - 1, 1)]:
+        read = await store.read(7, 2, offset, length)
+        span, region = await store.open_read(7, 2, offset, length)
+        try:
+            assert (span.length, span.first_block, span.checksums) == (
+                read.length,
+                read.first_block,
+                read.checksums,
+            )
+            assert os.pread(region.fd, region.length, region.offset) == read.data
+        finally:
+            region.close()
+    # A file cut short is reported as a bad copy, not sent as a short payload.
+    path = store.path(7, 2)
+    os.truncate(path, path.stat().st_size - 1)
+    with pytest.raises(ChecksumMismatch):
+        await store.open_read(7, 2, 0, 0)
+
+
 @pytest.mark.parametrize(
     ("chunk_id", "version"), [(0, 1), (-1, 1), (1 << 63, 1), (1, 0), (1, 1 << 32)]
 )

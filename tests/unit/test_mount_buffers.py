@@ -8,6 +8,7 @@ import random
 import trio
 
 from dfsmount.buffers import ChunkBuffer, DirtyBudget
+from dfsmount.readahead import device_of
 
 CHUNK = 4096
 
@@ -107,3 +108,15 @@ def test_budget_lets_an_oversized_write_through_when_empty() -> None:
     assert not budget.try_acquire(1)
     budget.release(1000)
     assert budget.used == 0
+
+
+def test_the_mount_device_is_read_from_mountinfo() -> None:
+    mountinfo = (
+        "22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+        "61 22 0:52 / /mnt/with\\040space rw,nosuid - fuse.dfs dfs rw,user_id=0\n"
+        "62 22 0:53 / /mnt/x rw - fuse.dfs dfs rw\n"
+        "63 62 0:54 / /mnt/x rw - fuse.dfs dfs rw\n"
+    )
+    assert device_of("/mnt/with space", mountinfo) == "0:52"
+    assert device_of("/mnt/x", mountinfo) == "0:54"  # the newest mount over that path
+    assert device_of("/mnt/none", mountinfo) is None
