@@ -17,7 +17,7 @@ import os
 import stat as stat_mod
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +89,28 @@ class DirEntry:
     name: bytes
     attr: Attr
     next_offset: int  # the readdir cookie that continues after this entry
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A chunk version allocated by the tracker and not written yet, and where it goes."""
+
+    chunk_id: int
+    version: int
+    keepers: tuple[str, ...]
+
+    @classmethod
+    def from_wire(cls, raw: list[Any]) -> Placement:
+        chunk_id, version, keepers = raw
+        return cls(int(chunk_id), int(version), tuple(str(k) for k in keepers))
+
+    def as_allocation(self) -> m.AllocateReply:
+        return m.AllocateReply(
+            chunk_id=self.chunk_id,
+            version=self.version,
+            keepers=list(self.keepers),
+            chunk_size_bytes=0,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,9 +269,11 @@ class Client:
 
     async def create(
         self, parent: int, name: bytes, mode: int, uid: int = 0, gid: int = 0
-    ) -> tuple[Attr, int]:
+    ) -> tuple[Attr, int, Placement | None]:
         """Create a regular file and open it for this session in one trip (as `mknod` and
-        `open_file`); returns its attributes and chunk size. Release it with `release_file`."""
+        `open_file`); returns its attributes, its chunk size and a placement for its chunk 0
+        (for `write_chunk`; None if no keeper could take it). Release it with `release_files`,
+        naming the placement as unused if nothing was written with it."""
         reply = await self._tracker(
             m.MakeNode(
                 parent=parent,
@@ -263,7 +287,8 @@ class Client:
         )
         if reply.parent_attr is not None:
             self.dir_changed(Attr.from_wire(reply.parent_attr))
-        return Attr.from_wire(reply.attr), reply.chunk_size_bytes
+        first = Placement.from_wire(reply.first_chunk) if reply.first_chunk else None
+        return Attr.from_wire(reply.attr), reply.chunk_size_bytes, first
 
     async def symlink(
         self, parent: int, name: bytes, target: bytes, uid: int = 0, gid: int = 0
@@ -313,9 +338,17 @@ class Client:
     async def release_file(self, ino: int) -> None:
         await self.release_files([ino])
 
-    async def release_files(self, inos: list[int]) -> None:
-        """Give back one `open_file` (or `create`) per entry of `inos`."""
-        await self._tracker(m.ReleaseFiles(inos=inos, session=self.session), m.OkReply)
+    async def release_files(self, inos: list[int], unused: Sequence[Placement] = ()) -> None:
+        """Give back one `open_file` (or `create`) per entry of `inos`, and the placements
+        from `create` that were never written."""
+        await self._tracker(
+            m.ReleaseFiles(
+                inos=inos,
+                session=self.session,
+                unused=[[p.chunk_id, p.version] for p in unused],
+            ),
+            m.OkReply,
+        )
 
     async def sync(self) -> None:
         """Wait until every change this client made is on the tracker's disk (chunk commits
@@ -500,9 +533,14 @@ class Client:
             log.info("could not report bad chunk %d: %s", info.chunk_id, exc)
 
     async def write_chunk(
-        self, ino: int, index: int, data: bytes | bytearray | memoryview
+        self,
+        ino: int,
+        index: int,
+        data: bytes | bytearray | memoryview,
+        placement: Placement | None = None,
     ) -> ChunkInfo:
-        """Store `data` as a new version of chunk `index` of `ino` on its placement.
+        """Store `data` as a new version of chunk `index` of `ino` on its placement (the one
+        given, from `create`, else a new one from the tracker).
 
         The version is not visible to readers until `commit`. If a keeper fails, the tracker
         is asked for a placement without it; NoSpace means no keeper can take it.
@@ -511,7 +549,10 @@ class Client:
         exclude: list[str] = []
         last_error: Exception | None = None
         for _attempt in range(WRITE_ATTEMPTS):
-            alloc = await self._allocate(ino, index, exclude)
+            if placement is not None:
+                alloc, placement = placement.as_allocation(), None
+            else:
+                alloc = await self._allocate(ino, index, exclude)
             if not alloc.keepers:
                 raise NoSpace("no keeper can take a new chunk")
             request = m.PutChunk(

@@ -409,6 +409,8 @@ class ReleaseFiles(Message):
     TYPE = MsgType.RELEASE_FILES
     inos: list[int]
     session: str
+    # [chunk_id, version] allocated at create (`AttrReply.first_chunk`) and never written.
+    unused: list[list[int]] = field(default_factory=list)
 
 
 @message
@@ -437,6 +439,9 @@ class AttrReply(Message):
     attr: AttrList
     chunk_size_bytes: int = 0
     parent_attr: AttrList | None = None
+    # For a regular file created and opened in one trip: [chunk_id, version, [keeper addrs]],
+    # chunk 0 allocated at once, so that a small file costs create, store and commit.
+    first_chunk: list[Any] | None = None
 
 
 @message

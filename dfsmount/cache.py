@@ -46,7 +46,7 @@ from collections.abc import Callable
 
 import trio
 
-from cluster.client import Attr, ChunkInfo, Client
+from cluster.client import Attr, ChunkInfo, Client, Placement
 from cluster.errors import DfsError, Unavailable
 from dfsmount.buffers import ChunkBuffer, DirtyBudget
 from dfsmount.chunkcache import ChunkCache
@@ -90,6 +90,8 @@ class FileState:
         self.pending: dict[int, ChunkInfo] = {}
         self.writes = 0  # writes accepted so far
         self.committed_writes = 0  # writes covered by the last commit
+        # Where chunk 0 of a file this mount just created goes (allocated with the create).
+        self.first_chunk: Placement | None = None
         self.error: DfsError | None = None
         self.error_reported = False  # `error` was raised to some caller (flush, write)
         self.lock = trio.Lock()
@@ -218,7 +220,10 @@ class FileState:
                 buf.merge_base(memoryview(stored)[: base.length])
                 extra = len(buf.data) - before
                 self.cache.budget.charge(extra)
-            info = await self.cache.client.write_chunk(self.ino, buf.index, buf.data)
+            placement = None
+            if buf.index == 0 and self.first_chunk is not None:
+                placement, self.first_chunk = self.first_chunk, None
+            info = await self.cache.client.write_chunk(self.ino, buf.index, buf.data, placement)
             self.pending[buf.index] = info
             self.cache.chunks.put(info, buf.data)
         except DfsError as exc:
@@ -407,12 +412,13 @@ class DataCache:
         state = self.files.get(ino)
         return state.local_attrs() if state is not None else None
 
-    def drop(self, ino: int) -> None:
+    def drop(self, ino: int) -> Placement | None:
         """Forget an inode's state after its last release (anything unflushed is lost: the
-        release already tried to flush and logged why it could not)."""
+        release already tried to flush and logged why it could not). Returns the placement
+        from its create if nothing was written with it, for the tracker to forget."""
         state = self.files.pop(ino, None)
         if state is None:
-            return
+            return None
         for buf in list(state.dirty.values()):
             self.unregister(state, buf)
             self.budget.release(buf.accounted)
@@ -422,6 +428,7 @@ class DataCache:
             # tracker's garbage grace period.
             self.nursery.start_soon(self._abandon, list(state.pending.values()))
             state.pending.clear()
+        return state.first_chunk
 
     async def _abandon(self, chunks: list[ChunkInfo]) -> None:
         try:

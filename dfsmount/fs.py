@@ -375,11 +375,14 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         log.debug("create %d %r %o", parent_inode, name, mode)
         mode = pyfuse3.ModeT(stat.S_IFREG | stat.S_IMODE(mode))
-        # One tracker trip creates and opens the file, and tells its chunk size: a new file
-        # has no chunks, so nothing else needs asking before the first write.
-        attr, chunk_size = await self.client.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+        # One tracker trip creates and opens the file, tells its chunk size and places its
+        # chunk 0: a small file needs no other request before its data is stored.
+        attr, chunk_size, first_chunk = await self.client.create(
+            parent_inode, name, mode, ctx.uid, ctx.gid
+        )
         self.dirs.added(parent_inode, name, attr)
-        _, fh, _ = await self._open(attr.ino, flags, attr, created_chunk_size=chunk_size)
+        state, fh, _ = await self._open(attr.ino, flags, attr, created_chunk_size=chunk_size)
+        state.first_chunk = first_chunk
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), self._reply(
             attr, lookup=True
         )
@@ -426,9 +429,8 @@ class Operations(pyfuse3.Operations):
                 else:  # nobody was told: only the log can say it
                     log.warning("inode %d: data written after the last flush is lost: %s", ino, exc)
             finally:
-                if not self.handles.is_open(ino):
-                    self.data.drop(ino)
-                self.releases.put(ino)
+                unused = self.data.drop(ino) if not self.handles.is_open(ino) else None
+                self.releases.put(ino, unused)
 
     # --- directories ----------------------------------------------------------------------
 

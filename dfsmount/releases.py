@@ -6,7 +6,8 @@ has returned by the time the kernel sends the release, and a late one only keeps
 file a moment longer. So a release is queued here and one task sends whatever has gathered
 in a single `ReleaseFiles`: a `cp -r` of small files costs one tracker trip per file (the
 create) instead of two. Order against later opens does not matter, because the tracker only
-counts them.
+counts them. A file created here also gives back, with its release, the placement of chunk 0
+that came with the create when nothing was written there (an empty file).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 
 import trio
 
-from cluster.client import Client
+from cluster.client import Client, Placement
 from cluster.errors import DfsError
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,15 @@ class ReleaseQueue:
     def __init__(self, client: Client) -> None:
         self.client = client
         self._inos: list[int] = []
+        self._unused: list[Placement] = []
         self._queued = trio.Event()
 
-    def put(self, ino: int) -> None:
-        """Give back one open of `ino` soon; never blocks."""
+    def put(self, ino: int, unused: Placement | None = None) -> None:
+        """Give back one open of `ino` soon, and the placement its create got if nothing was
+        written with it; never blocks."""
         self._inos.append(ino)
+        if unused is not None:
+            self._unused.append(unused)
         self._queued.set()
 
     async def run(self) -> None:
@@ -50,9 +55,11 @@ class ReleaseQueue:
         """Send everything queued now. A failure (the tracker unreachable for longer than the
         client's retry window) is logged: the opens are soft state the tracker drops when it
         restarts, which is what a tracker that long gone is doing."""
-        while self._inos:
+        while self._inos or self._unused:
             batch, self._inos = self._inos[:BATCH], self._inos[BATCH:]
+            unused, self._unused = self._unused[:BATCH], self._unused[BATCH:]
             try:
-                await self.client.release_files(batch)
+                await self.client.release_files(batch, unused)
             except DfsError as exc:
+                # Unused placements left behind are collected by the tracker after gc_grace_s.
                 log.warning("could not give back %d opens to the tracker: %s", len(batch), exc)

@@ -194,10 +194,16 @@ class Tracker:
         if not (msg.session and stat.S_ISREG(inode.mode)):
             return m.AttrReply(attr=inode.as_list(), parent_attr=parent_attr)
         self.namespace.open(inode.ino, msg.session)
+        try:
+            first = self._allocate(inode, 0, [], reserve=False)
+            first_chunk: list[Any] | None = [first.chunk_id, first.version, first.keepers]
+        except (Unavailable, NoSpace):
+            first_chunk = None  # the first write asks again, and fails if it must
         return m.AttrReply(
             attr=inode.as_list(),
             chunk_size_bytes=inode.chunk_size or self.chunk_size,
             parent_attr=parent_attr,
+            first_chunk=first_chunk,
         )
 
     async def symlink(self, msg: m.Symlink, peer: str) -> m.Message:
@@ -238,6 +244,13 @@ class Tracker:
     async def release_files(self, msg: m.ReleaseFiles, peer: str) -> m.Message:
         for ino in msg.inos:
             self._removed(self.namespace.release(ino, msg.session))
+        if msg.unused:
+            # Nothing was written under these: dropping the rows is all there is to free.
+            with self.store.transaction():
+                for item in msg.unused:
+                    if len(item) != 2:
+                        raise InvalidArgument("malformed unused allocation")
+                    self.store.remove_allocation(item[0], item[1])
         return m.OkReply()
 
     async def sync(self, msg: m.Sync, peer: str) -> m.Message:
@@ -287,30 +300,40 @@ class Tracker:
         )
 
     async def allocate_chunk(self, msg: m.AllocateChunk, peer: str) -> m.Message:
-        inode = self.namespace.inode(msg.ino)
+        reply = self._allocate(self.namespace.inode(msg.ino), msg.index, msg.exclude)
+        if reply.version > 1:
+            # A new version of a chunk that exists: after a power loss, the version counter
+            # must not hand this number out again (fresh ids are protected by the store).
+            await self.durable.sync()
+        return reply
+
+    def _allocate(
+        self, inode: Inode, index: int, exclude: list[str], *, reserve: bool = True
+    ) -> m.AllocateReply:
+        """Choose keepers for a new version of chunk `index` and record the allocation.
+
+        `reserve` counts the whole chunk against the chosen keepers' free space until their
+        next heartbeat, so that a burst of big writes spreads out; the speculative allocation
+        at create does not, since most new files are small and many stay empty.
+        """
         chunk_bytes = inode.chunk_size or self.chunk_size
-        candidates = [k for k in self.registry.writable() if k.addr not in msg.exclude]
+        candidates = [k for k in self.registry.writable() if k.addr not in exclude]
         if not candidates:
             raise Unavailable("no live keepers")
         chosen = placement.choose(candidates, self._copies(inode), chunk_bytes)
         if not chosen:
             raise NoSpace("every live keeper is full")
         with self.store.transaction():
-            current = self.store.chunk_for(msg.ino, msg.index)
+            current = self.store.chunk_for(inode.ino, index)
             if current is not None:
                 chunk_id = current.chunk_id
             else:
-                chunk_id = (
-                    self.store.allocation_for(msg.ino, msg.index) or self.store.next_chunk_id()
-                )
+                chunk_id = self.store.allocation_for(inode.ino, index) or self.store.next_chunk_id()
             version = self.store.next_version(chunk_id)
-            self.store.add_allocation(chunk_id, version, msg.ino, msg.index)
-        for keeper in chosen:
-            keeper.reserved_bytes += chunk_bytes
-        if version > 1:
-            # A new version of a chunk that exists: after a power loss, the version counter
-            # must not hand this number out again (fresh ids are protected by the store).
-            await self.durable.sync()
+            self.store.add_allocation(chunk_id, version, inode.ino, index)
+        if reserve:
+            for keeper in chosen:
+                keeper.reserved_bytes += chunk_bytes
         return m.AllocateReply(
             chunk_id=chunk_id,
             version=version,

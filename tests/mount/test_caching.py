@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import time
 import urllib.request
 
 import pytest
 
-from tests.cluster_procs import free_port
+from tests.cluster_procs import free_port, wait_until
 from tests.conftest import MakeCluster
 from tests.mount.conftest import MountFactory
 
@@ -105,3 +106,37 @@ def test_a_create_or_an_unlink_is_one_tracker_request(
     (d / "sub0").rmdir()
     assert os.stat(d).st_nlink == 2 + 2
     assert sorted(os.listdir(d)) == ["sub1", "sub2"]
+
+
+def test_a_small_file_needs_no_allocation_request(
+    make_cluster: MakeCluster, mount: MountFactory
+) -> None:
+    """A create places the file's chunk 0 in the same trip; an empty file gives that
+    placement back with its release, so no allocation is left for the garbage collector."""
+    port = free_port()
+    cluster = make_cluster(tracker_args=["--metrics", f"127.0.0.1:{port}"])
+    fs = mount(cluster, "fs")
+    files = {fs.path / f"small{i}": os.urandom(100 + 997 * i) for i in range(20)}
+    before = tracker_requests(port)
+    for path, data in files.items():
+        path.write_bytes(data)
+    after = tracker_requests(port)
+    assert after.get("MakeNode", 0) - before.get("MakeNode", 0) == 20
+    assert after.get("CommitChunks", 0) - before.get("CommitChunks", 0) == 20
+    assert after.get("AllocateChunk", 0) == before.get("AllocateChunk", 0)
+    for i in range(20):
+        os.close(os.open(fs.path / f"empty{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+
+    def allocations_left() -> int:
+        uri = f"file:{cluster.root / 'tracker' / 'meta.db'}?mode=ro"
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            return int(db.execute("SELECT count(*) FROM allocations").fetchone()[0])
+        finally:
+            db.close()
+
+    wait_until(lambda: allocations_left() == 0, 10, "unused placements to be given back")
+    reader = mount(cluster, "reader")
+    for path, data in files.items():
+        assert (reader.path / path.name).read_bytes() == data
+    assert all((reader.path / f"empty{i}").stat().st_size == 0 for i in range(20))
