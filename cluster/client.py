@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import stat as stat_mod
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -684,11 +685,26 @@ class Client:
     async def download(
         self, remote: str, local: str | Path, progress: Callable[[int], None] | None = None
     ) -> int:
-        """Copy a cluster file to a local path; every byte checked. Returns its size."""
+        """Copy a cluster file to a local path; every byte checked. Returns its size.
+
+        A regular file is written beside the destination and renamed over it. "-" (standard
+        output) and a destination that is not a regular file (a pipe, a terminal, /dev/null)
+        get the bytes written into them in order instead: renaming over /dev/null as root
+        would replace the device with a copy of the file."""
         attr = await self.resolve(remote)
         if attr.is_dir:
             raise IsADir(remote)
         chunks = await self.get_chunks(attr.ino)
+        if str(local) == "-":
+            await self._stream(chunks, sys.stdout.fileno(), progress)
+            return chunks.size
+        if _is_stream(local):
+            fd = os.open(local, os.O_WRONLY)
+            try:
+                await self._stream(chunks, fd, progress)
+            finally:
+                os.close(fd)
+            return chunks.size
         tmp = Path(f"{local}.dfs-part")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -721,6 +737,64 @@ class Client:
         os.close(fd)
         os.replace(tmp, local)
         return chunks.size
+
+    async def _stream(
+        self, chunks: FileChunks, fd: int, progress: Callable[[int], None] | None
+    ) -> None:
+        """Write a file's bytes in order to `fd`, which may not seek, fetching up to
+        `transfers` chunks ahead of the writer (so at most that many are held)."""
+        count = (chunks.size + chunks.chunk_size - 1) // chunks.chunk_size if chunks.size else 0
+        ahead = max(1, int(self.transfers.total_tokens))
+
+        async def fetch(index: int, slot: _Slot) -> None:
+            start = index * chunks.chunk_size
+            length = min(chunks.chunk_size, chunks.size - start)
+            info = chunks.chunks.get(index)
+            slot.data = await self.read_chunk(info, 0, length) if info else bytes(length)
+            slot.done.set()
+
+        async with _nursery() as nursery:
+            send, receive = trio.open_memory_channel[_Slot](ahead - 1)
+
+            async def produce() -> None:
+                async with send:
+                    for index in range(count):
+                        slot = _Slot()
+                        await send.send(slot)  # waits while `ahead` chunks are in the works
+                        nursery.start_soon(fetch, index, slot)
+
+            nursery.start_soon(produce)
+            async with receive:
+                async for slot in receive:
+                    await slot.done.wait()
+                    await trio.to_thread.run_sync(_write_all, fd, slot.data)
+                    if progress:
+                        progress(len(slot.data))
+
+
+class _Slot:
+    """One chunk on its way to a stream: filled by its fetch, written in turn."""
+
+    __slots__ = ("data", "done")
+
+    def __init__(self) -> None:
+        self.data: bytes | bytearray = b""
+        self.done = trio.Event()
+
+
+def _is_stream(path: str | Path) -> bool:
+    """Does `path` exist as something other than a regular file or a directory?"""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    return not (stat_mod.S_ISREG(mode) or stat_mod.S_ISDIR(mode))
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 @asynccontextmanager

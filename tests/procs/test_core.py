@@ -4,7 +4,9 @@ restart, corruption, parallel puts and hostile input."""
 from __future__ import annotations
 
 import filecmp
+import os
 import socket
+import stat
 import struct
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -181,3 +183,40 @@ def test_cli_errors_are_one_line(cluster: ProcCluster, tmp_path: Path) -> None:
     assert unreachable.returncode == 1
     assert "unreachable" in unreachable.stderr
     assert "Traceback" not in unreachable.stderr
+
+
+def test_get_into_a_stream_writes_into_it(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    """`dfs get` to "-", a FIFO or /dev/null writes the bytes in order into it; renaming a
+    downloaded copy over /dev/null (as root) would have replaced the device."""
+    cluster = make_cluster(keepers=2, replication=2, chunk_size=1 * MiB)
+    data = random_file(tmp_path / "data", 5 * MiB + 123)
+    cluster.dfs("put", str(data), "/f")
+    expected = data.read_bytes()
+
+    out = subprocess.run(
+        [str(BIN / "dfs"), "--tracker", cluster.tracker_addr, "get", "/f", "-"],
+        capture_output=True,
+        env=cluster.env,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout == expected
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def read_fifo() -> bytes:
+        with open(fifo, "rb") as pipe:
+            return pipe.read()
+
+    with ThreadPoolExecutor(1) as pool:
+        reader = pool.submit(read_fifo)
+        cluster.dfs("get", "/f", str(fifo))
+        assert reader.result(timeout=120) == expected
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+    before = os.stat("/dev/null")
+    cluster.dfs("get", "/f", "/dev/null")
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode)
+    assert (after.st_ino, after.st_rdev) == (before.st_ino, before.st_rdev)
