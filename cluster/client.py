@@ -718,6 +718,7 @@ class Client:
                     return  # a hole: ftruncate already made it zeros
                 data = await self.read_chunk(info, 0, length)
                 await trio.to_thread.run_sync(os.pwrite, fd, data, start)
+                _recycle(data)
                 if progress:
                     progress(length)
 
@@ -770,6 +771,8 @@ class Client:
                     await trio.to_thread.run_sync(_write_all, fd, slot.data)
                     if progress:
                         progress(len(slot.data))
+                    _recycle(slot.data)
+                    slot.data = b""
 
 
 class _Slot:
@@ -789,6 +792,13 @@ def _is_stream(path: str | Path) -> bool:
     except FileNotFoundError:
         return False
     return not (stat_mod.S_ISREG(mode) or stat_mod.S_ISDIR(mode))
+
+
+def _recycle(data: bytes | bytearray) -> None:
+    """Give a chunk buffer that has been written out back for the next read: a fresh 8 MiB
+    buffer costs a zero-fill (the caller holds no other reference to it)."""
+    if isinstance(data, bytearray):
+        PAYLOADS.give(data)
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:
