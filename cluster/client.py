@@ -699,7 +699,8 @@ class Client:
             await self._stream(chunks, sys.stdout.fileno(), progress)
             return chunks.size
         if _is_stream(local):
-            fd = os.open(local, os.O_WRONLY)
+            # A FIFO's open waits for a reader: in a worker thread, not the event loop.
+            fd = await trio.to_thread.run_sync(os.open, local, os.O_WRONLY)
             try:
                 await self._stream(chunks, fd, progress)
             finally:

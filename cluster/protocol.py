@@ -32,8 +32,10 @@ MAX_PAYLOAD = 65 * 1024 * 1024
 
 Buffer = bytes | bytearray | memoryview
 # A stalled peer fails a file send after this long (the send runs in a worker thread, where
-# trio's cancellation cannot reach).
-FILE_SEND_TIMEOUT_S = 60.0
+# trio's cancellation cannot reach); clients give up on a silent keeper sooner than that.
+FILE_SEND_TIMEOUT_S = 30.0
+# File sends in flight per process: each holds a thread until its peer has read the chunk.
+FILE_SEND_THREADS = 32
 # What one receive asks the socket for when reading prefixes and headers.
 READ_SIZE = 16 * 1024
 
@@ -122,6 +124,21 @@ def unpack_header(raw: Buffer, limits: Limits = Limits()) -> dict[str, Any]:
     return body
 
 
+_FILE_SENDS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("file_sends")
+
+
+def _file_sends() -> trio.CapacityLimiter:
+    """The threads file sends may hold, apart from trio's default budget that the keeper's
+    disk writes use: a slow reader holds its thread for the whole send, and must not keep
+    writes waiting for one."""
+    try:
+        return _FILE_SENDS.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(FILE_SEND_THREADS)
+        _FILE_SENDS.set(limiter)
+        return limiter
+
+
 def _sendfile(sock_fd: int, region: FileRegion) -> None:
     """Send a whole region on a non-blocking socket, waiting for room with poll (a worker
     thread's loop: the trio thread keeps serving)."""
@@ -180,7 +197,7 @@ class FrameStream:
                 await self.stream.send_all(piece)
                 offset += len(piece)
             return
-        await trio.to_thread.run_sync(_sendfile, self._sock.fileno(), region)
+        await trio.to_thread.run_sync(_sendfile, self._sock.fileno(), region, limiter=_file_sends())
 
     async def receive(self) -> tuple[dict[str, Any], bytearray]:
         """Read one frame. Raises ProtocolError on bad framing, EOFError on a clean close."""

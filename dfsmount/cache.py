@@ -57,6 +57,10 @@ Readable = bytes | bytearray | memoryview
 
 # How far ahead of a sequential reader chunks are fetched (capped by a quarter of the cache).
 READAHEAD_BYTES = 32 << 20
+# How long the placement that came with a create is used for the file's chunk 0; an older one
+# is given back at release (a file written long after its create asks for a new one), far
+# inside any sensible gc_grace_s of the tracker, after which it could be collected.
+PLACEMENT_FRESH_S = 10.0
 # A truncate or utimens of a file being written flushes first; writes racing with that flush
 # (only possible through mmap write-back) get this many more flushes before we go ahead.
 FLUSH_ROUNDS = 3
@@ -90,8 +94,10 @@ class FileState:
         self.pending: dict[int, ChunkInfo] = {}
         self.writes = 0  # writes accepted so far
         self.committed_writes = 0  # writes covered by the last commit
-        # Where chunk 0 of a file this mount just created goes (allocated with the create).
+        # Where chunk 0 of a file this mount just created goes (allocated with the create),
+        # and when it came: the tracker collects allocations left unused for gc_grace_s.
         self.first_chunk: Placement | None = None
+        self.first_chunk_at = 0.0
         self.error: DfsError | None = None
         self.error_reported = False  # `error` was raised to some caller (flush, write)
         self.lock = trio.Lock()
@@ -221,7 +227,11 @@ class FileState:
                 extra = len(buf.data) - before
                 self.cache.budget.charge(extra)
             placement = None
-            if buf.index == 0 and self.first_chunk is not None:
+            if (
+                buf.index == 0
+                and self.first_chunk is not None
+                and trio.current_time() - self.first_chunk_at < PLACEMENT_FRESH_S
+            ):
                 placement, self.first_chunk = self.first_chunk, None
             info = await self.cache.client.write_chunk(self.ino, buf.index, buf.data, placement)
             self.pending[buf.index] = info

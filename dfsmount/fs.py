@@ -93,11 +93,11 @@ class Operations(pyfuse3.Operations):
         # Set once the kernel's INIT request is answered: the kernel applies its settings for
         # the mount (read-ahead among them) when it gets that answer.
         self.session_started = trio.Event()
+        self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
 
     def init(self) -> None:
         """pyfuse3 calls this for INIT, just before answering it."""
         self.session_started.set()
-        self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
 
     def _reply(self, attr: Attr, *, lookup: bool) -> pyfuse3.EntryAttributes:
         self.attrs.put(attr)
@@ -382,7 +382,7 @@ class Operations(pyfuse3.Operations):
         )
         self.dirs.added(parent_inode, name, attr)
         state, fh, _ = await self._open(attr.ino, flags, attr, created_chunk_size=chunk_size)
-        state.first_chunk = first_chunk
+        state.first_chunk, state.first_chunk_at = first_chunk, trio.current_time()
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), self._reply(
             attr, lookup=True
         )

@@ -34,6 +34,7 @@ class ReleaseQueue:
         self._inos: list[int] = []
         self._unused: list[Placement] = []
         self._queued = trio.Event()
+        self._sending = trio.Lock()  # a flush waits for the batch already on its way
 
     def put(self, ino: int, unused: Placement | None = None) -> None:
         """Give back one open of `ino` soon, and the placement its create got if nothing was
@@ -55,6 +56,10 @@ class ReleaseQueue:
         """Send everything queued now. A failure (the tracker unreachable for longer than the
         client's retry window) is logged: the opens are soft state the tracker drops when it
         restarts, which is what a tracker that long gone is doing."""
+        async with self._sending:
+            await self._send_queued()
+
+    async def _send_queued(self) -> None:
         while self._inos or self._unused:
             batch, self._inos = self._inos[:BATCH], self._inos[BATCH:]
             unused, self._unused = self._unused[:BATCH], self._unused[BATCH:]

@@ -42,7 +42,9 @@ class GroupSync:
         """Return once every commit made before this call is on the disk."""
         wanted = self.store.changes()
         async with self._lock:
-            if self._synced >= wanted:
+            # Marks are compared for equality only: SQLite's change count is 32 bits and wraps.
+            # A mark that moved past `wanted` costs one fsync more, never one fewer.
+            if self._synced == wanted:
                 return  # an fsync that started after our commits already covered them
             mark = self.store.changes()
             # Cancellation must not leave a half-known state: the fsync either ran or not,

@@ -242,15 +242,15 @@ class Tracker:
         )
 
     async def release_files(self, msg: m.ReleaseFiles, peer: str) -> m.Message:
+        if any(len(item) != 2 for item in msg.unused):
+            raise InvalidArgument("malformed unused allocation")
         for ino in msg.inos:
             self._removed(self.namespace.release(ino, msg.session))
         if msg.unused:
             # Nothing was written under these: dropping the rows is all there is to free.
             with self.store.transaction():
-                for item in msg.unused:
-                    if len(item) != 2:
-                        raise InvalidArgument("malformed unused allocation")
-                    self.store.remove_allocation(item[0], item[1])
+                for chunk_id, version in msg.unused:
+                    self.store.remove_allocation(chunk_id, version)
         return m.OkReply()
 
     async def sync(self, msg: m.Sync, peer: str) -> m.Message:

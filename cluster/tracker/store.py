@@ -251,6 +251,14 @@ class SqliteStore:
         and mark the store as open until `close` marks a clean stop."""
         with self.transaction():
             row = self.db.execute("SELECT value FROM counters WHERE name='clean_stop'").fetchone()
+            # Rows that exist from the start, so that the jump below always has one to move.
+            self.db.execute("INSERT OR IGNORE INTO counters (name, value) VALUES ('chunk_id', 1)")
+            for table in ("inodes", "dentries"):
+                self.db.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) SELECT ?, 0"
+                    " WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = ?)",
+                    (table, table),
+                )
             if row is None or row[0] != 1:
                 self.db.execute(
                     "UPDATE sqlite_sequence SET seq = seq + ? WHERE name IN ('inodes', 'dentries')",
@@ -282,7 +290,8 @@ class SqliteStore:
         )
 
     def changes(self) -> int:
-        """How many rows were changed since the store was opened: a mark for `sync_to_disk`."""
+        """How many rows were changed since the store was opened: a mark for `sync_to_disk`,
+        to be compared for equality only (SQLite's count is 32 bits and wraps)."""
         return self.db.total_changes
 
     def sync_to_disk(self) -> None:

@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from dfsmount.cache import PLACEMENT_FRESH_S
 from tests.cluster_procs import free_port, wait_until
 from tests.conftest import MakeCluster
 from tests.mount.conftest import MountFactory
@@ -136,6 +137,17 @@ def test_a_small_file_needs_no_allocation_request(
             db.close()
 
     wait_until(lambda: allocations_left() == 0, 10, "unused placements to be given back")
+
+    # A file written long after its create asks for a fresh placement (the tracker may have
+    # collected the old one) and gives the old one back.
+    late = fs.path / "late"
+    with open(late, "wb") as out:
+        time.sleep(PLACEMENT_FRESH_S + 0.5)
+        out.write(b"late bytes")
+    allocations = tracker_requests(port).get("AllocateChunk", 0) - after.get("AllocateChunk", 0)
+    assert allocations == 1
+    wait_until(lambda: allocations_left() == 0, 10, "the stale placement to be given back")
+    files[late] = b"late bytes"
     reader = mount(cluster, "reader")
     for path, data in files.items():
         assert (reader.path / path.name).read_bytes() == data

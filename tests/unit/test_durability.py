@@ -85,3 +85,43 @@ async def test_background_sync_catches_up_within_its_interval(tmp_path: Path) ->
     assert not durable.behind
     assert durable.syncs == 1
     store.close()
+
+
+def test_ids_jump_even_if_the_crash_came_before_any_was_used(tmp_path: Path) -> None:
+    """A store that crashed before its first name or chunk still jumps: the counters to move
+    exist from the start."""
+    _crash(SqliteStore(tmp_path / "meta.db"))
+    store = SqliteStore(tmp_path / "meta.db")
+    ino, chunk_id = _new_ids(store, b"a")
+    assert chunk_id > SKIP_AFTER_CRASH
+    ((cookie, _, child),) = store.list_dentries(ROOT_INO, 0, 10)
+    assert child == ino
+    assert cookie > SKIP_AFTER_CRASH
+    store.close()
+
+
+class _WrappingStore(SqliteStore):
+    """SQLite's change count as CPython reports it, opened 3 changes short of its wrap."""
+
+    def __init__(self, path: Path) -> None:
+        self._offset = 0
+        super().__init__(path)
+        self._offset = (1 << 31) - 3 - super().changes()
+
+    def changes(self) -> int:
+        count = super().changes() + self._offset
+        return (count + (1 << 31)) % (1 << 32) - (1 << 31)
+
+
+async def test_syncs_go_on_across_the_change_counter_wrap(tmp_path: Path) -> None:
+    store = _WrappingStore(tmp_path / "meta.db")
+    durable = GroupSync(store)
+    ns = Namespace(store, chunk_size=1 << 20)
+    assert store.changes() == (1 << 31) - 3
+    for i in range(6):  # the first create crosses from 2**31 - 1 to -2**31
+        ns.make_node(ROOT_INO, b"f%d" % i, FILE, 0, 0)
+        assert durable.behind
+        await durable.sync()
+        assert durable.syncs == i + 1
+        assert not durable.behind
+    store.close()
