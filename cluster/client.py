@@ -334,7 +334,19 @@ class Client:
         """Hold `ino` open for this client: an unlink keeps its data until `release_file`.
 
         Holds are counted per client session: every `open_file` needs one `release_file`."""
-        return await self._attr(m.OpenFile(ino=ino, session=self.session))
+        return (await self.open_file_and_chunks(ino))[0]
+
+    async def open_file_and_chunks(self, ino: int) -> tuple[Attr, FileChunks | None]:
+        """`open_file`, and the file's chunk list when it is small enough to come with it."""
+        reply = await self._tracker(m.OpenFile(ino=ino, session=self.session), m.AttrReply)
+        attr = Attr.from_wire(reply.attr)
+        if reply.chunks is None:
+            return attr, None
+        chunks = {}
+        for raw in reply.chunks:
+            info = ChunkInfo.from_wire(raw)
+            chunks[info.index] = info
+        return attr, FileChunks(attr.size, reply.chunk_size_bytes, chunks)
 
     async def release_file(self, ino: int) -> None:
         await self.release_files([ino])

@@ -442,6 +442,9 @@ class AttrReply(Message):
     # For a regular file created and opened in one trip: [chunk_id, version, [keeper addrs]],
     # chunk 0 allocated at once, so that a small file costs create, store and commit.
     first_chunk: list[Any] | None = None
+    # For an OpenFile of a file of at most a few chunks: its chunk records (as in ChunksReply),
+    # so that reading a small file takes no GetChunks.
+    chunks: list[list[Any]] | None = None
 
 
 @message

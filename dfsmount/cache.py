@@ -46,7 +46,7 @@ from collections.abc import Callable
 
 import trio
 
-from cluster.client import Attr, ChunkInfo, Client, Placement
+from cluster.client import Attr, ChunkInfo, Client, FileChunks, Placement
 from cluster.errors import DfsError, Unavailable
 from dfsmount.buffers import ChunkBuffer, DirtyBudget
 from dfsmount.chunkcache import ChunkCache
@@ -136,6 +136,15 @@ class FileState:
         if info is None and self.remote is not None:
             info = self.remote.get(index)
         return info
+
+    def offer_map(self, chunks: FileChunks) -> None:
+        """Take the chunk list that came with an open (as fresh as its attributes) unless a
+        map is loaded already or writes here are unflushed: then the first read needs no
+        GetChunks."""
+        if self.remote is None and not self.has_local_changes and chunks.chunk_size > 0:
+            self.chunk_size = chunks.chunk_size
+            self.remote = dict(chunks.chunks)
+            self.size = chunks.size
 
     async def ensure_map(self) -> None:
         """Load the committed chunk map (and the file's chunk size) if not loaded."""

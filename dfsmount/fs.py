@@ -322,10 +322,11 @@ class Operations(pyfuse3.Operations):
         keep its page cache (`attr` is given for a file just created: nothing is cached).
         """
         async with self.handles.inode_lock(ino):
+            chunks = None
             if created_chunk_size and attr is not None:
                 fresh = attr  # created and opened on the tracker in one trip
             else:
-                fresh = await self.client.open_file(ino)
+                fresh, chunks = await self.client.open_file_and_chunks(ino)
             self.attrs.put(fresh)  # close-to-open: later getattrs must not see older attrs
             try:
                 if not self.handles.is_open(ino):
@@ -337,6 +338,8 @@ class Operations(pyfuse3.Operations):
                 else:
                     state = self.data.open_state(fresh)
                     keep = not state.adopt(fresh)
+                if chunks is not None:
+                    state.offer_map(chunks)
                 handle = self.handles.add_file(ino, flags, state)
             except BaseException:
                 self.releases.put(ino)

@@ -32,6 +32,8 @@ from cluster.tracker.store import ChunkRow, Inode, SqliteStore
 log = logging.getLogger(__name__)
 
 MAX_CHUNK_SIZE = 64 << 20
+# An open of a file of at most this many chunks returns its chunk list with the attributes.
+OPEN_WITH_CHUNKS = 4
 
 
 def _chunk_record(raw: list[Any], max_length: int) -> tuple[int, int, int, int, int, list[str]]:
@@ -237,9 +239,12 @@ class Tracker:
 
     async def open_file(self, msg: m.OpenFile, peer: str) -> m.Message:
         inode = self.namespace.open(msg.ino, msg.session)
-        return m.AttrReply(
-            attr=inode.as_list(), chunk_size_bytes=inode.chunk_size or self.chunk_size
-        )
+        chunk_bytes = inode.chunk_size or self.chunk_size
+        chunks = None
+        if stat.S_ISREG(inode.mode) and inode.size <= OPEN_WITH_CHUNKS * chunk_bytes:
+            rows = self.store.get_chunks(inode.ino, 0, OPEN_WITH_CHUNKS)
+            chunks = [self._chunk_record(r) for r in rows]
+        return m.AttrReply(attr=inode.as_list(), chunk_size_bytes=chunk_bytes, chunks=chunks)
 
     async def release_files(self, msg: m.ReleaseFiles, peer: str) -> m.Message:
         if any(len(item) != 2 for item in msg.unused):
@@ -294,10 +299,11 @@ class Tracker:
         return m.ChunksReply(
             size_bytes=inode.size,
             chunk_size_bytes=inode.chunk_size or self.chunk_size,
-            chunks=[
-                [r.idx, r.chunk_id, r.version, r.length, r.digest, self._addrs(r)] for r in rows
-            ],
+            chunks=[self._chunk_record(r) for r in rows],
         )
+
+    def _chunk_record(self, row: ChunkRow) -> list[Any]:
+        return [row.idx, row.chunk_id, row.version, row.length, row.digest, self._addrs(row)]
 
     async def allocate_chunk(self, msg: m.AllocateChunk, peer: str) -> m.Message:
         reply = self._allocate(self.namespace.inode(msg.ino), msg.index, msg.exclude)

@@ -109,11 +109,12 @@ def test_a_create_or_an_unlink_is_one_tracker_request(
     assert sorted(os.listdir(d)) == ["sub1", "sub2"]
 
 
-def test_a_small_file_needs_no_allocation_request(
+def test_a_small_file_needs_no_allocation_or_chunk_list_request(
     make_cluster: MakeCluster, mount: MountFactory
 ) -> None:
     """A create places the file's chunk 0 in the same trip; an empty file gives that
-    placement back with its release, so no allocation is left for the garbage collector."""
+    placement back with its release, so no allocation is left for the garbage collector.
+    An open of a small file brings its chunk list along."""
     port = free_port()
     cluster = make_cluster(tracker_args=["--metrics", f"127.0.0.1:{port}"])
     fs = mount(cluster, "fs")
@@ -148,7 +149,12 @@ def test_a_small_file_needs_no_allocation_request(
     assert allocations == 1
     wait_until(lambda: allocations_left() == 0, 10, "the stale placement to be given back")
     files[late] = b"late bytes"
+    # Reading a small file: its chunk list comes with the open.
     reader = mount(cluster, "reader")
+    before = tracker_requests(port)
     for path, data in files.items():
         assert (reader.path / path.name).read_bytes() == data
     assert all((reader.path / f"empty{i}").stat().st_size == 0 for i in range(20))
+    after = tracker_requests(port)
+    assert after.get("OpenFile", 0) - before.get("OpenFile", 0) >= len(files)
+    assert after.get("GetChunks", 0) == before.get("GetChunks", 0)
