@@ -214,10 +214,13 @@ class Client:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
+    def _note_parent(self, parent_attr: list[int] | None) -> None:
+        if parent_attr is not None:
+            self.dir_changed(Attr.from_wire(parent_attr))
+
     async def _attr(self, request: m.Message) -> Attr:
         reply = await self._tracker(request, m.AttrReply)
-        if reply.parent_attr is not None:
-            self.dir_changed(Attr.from_wire(reply.parent_attr))
+        self._note_parent(reply.parent_attr)
         return Attr.from_wire(reply.attr)
 
     async def lookup(self, parent: int, name: bytes) -> Attr:
@@ -286,8 +289,7 @@ class Client:
             ),
             m.AttrReply,
         )
-        if reply.parent_attr is not None:
-            self.dir_changed(Attr.from_wire(reply.parent_attr))
+        self._note_parent(reply.parent_attr)
         first = Placement.from_wire(reply.first_chunk) if reply.first_chunk else None
         return Attr.from_wire(reply.attr), reply.chunk_size_bytes, first
 
@@ -307,14 +309,12 @@ class Client:
     async def unlink(self, parent: int, name: bytes) -> tuple[int, int]:
         """Remove a name; returns (inode, its remaining link count)."""
         reply = await self._tracker(m.Unlink(parent=parent, name=name), m.UnlinkReply)
-        if reply.parent_attr is not None:
-            self.dir_changed(Attr.from_wire(reply.parent_attr))
+        self._note_parent(reply.parent_attr)
         return reply.ino, reply.nlink
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         reply = await self._tracker(m.RemoveDir(parent=parent, name=name), m.UnlinkReply)
-        if reply.parent_attr is not None:
-            self.dir_changed(Attr.from_wire(reply.parent_attr))
+        self._note_parent(reply.parent_attr)
 
     async def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0
@@ -342,11 +342,7 @@ class Client:
         attr = Attr.from_wire(reply.attr)
         if reply.chunks is None:
             return attr, None
-        chunks = {}
-        for raw in reply.chunks:
-            info = ChunkInfo.from_wire(raw)
-            chunks[info.index] = info
-        return attr, FileChunks(attr.size, reply.chunk_size_bytes, chunks)
+        return attr, FileChunks(attr.size, reply.chunk_size_bytes, _chunk_map(reply.chunks))
 
     async def release_file(self, ino: int) -> None:
         await self.release_files([ino])
@@ -460,11 +456,7 @@ class Client:
         reply = await self._tracker(
             m.GetChunks(ino=ino, first_index=first_index, count=count), m.ChunksReply
         )
-        chunks = {}
-        for raw in reply.chunks:
-            info = ChunkInfo.from_wire(raw)
-            chunks[info.index] = info
-        return FileChunks(reply.size_bytes, reply.chunk_size_bytes, chunks)
+        return FileChunks(reply.size_bytes, reply.chunk_size_bytes, _chunk_map(reply.chunks))
 
     def _ordered(self, keepers: tuple[str, ...]) -> list[str]:
         """Healthy keepers first, in the tracker's order; recently failed ones last."""
@@ -796,6 +788,12 @@ class _Slot:
     def __init__(self) -> None:
         self.data: bytes | bytearray = b""
         self.done = trio.Event()
+
+
+def _chunk_map(records: list[list[Any]]) -> dict[int, ChunkInfo]:
+    """Chunk records from the tracker, by chunk index."""
+    infos = (ChunkInfo.from_wire(raw) for raw in records)
+    return {info.index: info for info in infos}
 
 
 def _is_stream(path: str | Path) -> bool:

@@ -173,21 +173,22 @@ class ChunkStore:
     # --- read -----------------------------------------------------------------------------
 
     async def read(self, chunk_id: int, version: int, offset: int, length: int) -> ChunkRead:
-        check_ids(chunk_id, version)
-        if (chunk_id, version) not in self.chunks:
-            raise NotFound(f"chunk {chunk_id:x} v{version} is not here")
+        self._check_held(chunk_id, version)
         return await trio.to_thread.run_sync(self._read_sync, chunk_id, version, offset, length)
 
     async def open_read(
         self, chunk_id: int, version: int, offset: int, length: int
     ) -> tuple[ChunkSpan, FileRegion]:
         """Like `read`, but the blocks stay in the file: the region is sent with sendfile."""
-        check_ids(chunk_id, version)
-        if (chunk_id, version) not in self.chunks:
-            raise NotFound(f"chunk {chunk_id:x} v{version} is not here")
+        self._check_held(chunk_id, version)
         return await trio.to_thread.run_sync(
             self._open_read_sync, chunk_id, version, offset, length
         )
+
+    def _check_held(self, chunk_id: int, version: int) -> None:
+        check_ids(chunk_id, version)
+        if (chunk_id, version) not in self.chunks:
+            raise NotFound(f"chunk {chunk_id:x} v{version} is not here")
 
     def _open(self, chunk_id: int, version: int) -> int:
         try:

@@ -268,16 +268,12 @@ class SqliteStore:
                     "UPDATE counters SET value = value + ? WHERE name = 'chunk_id'",
                     (SKIP_AFTER_CRASH,),
                 )
-            self.db.execute(
-                "INSERT OR REPLACE INTO counters (name, value) VALUES ('clean_stop', 0)"
-            )
+            self._set_clean_stop(0)
         self.sync_to_disk()
 
     def close(self) -> None:
         with self.transaction():
-            self.db.execute(
-                "INSERT OR REPLACE INTO counters (name, value) VALUES ('clean_stop', 1)"
-            )
+            self._set_clean_stop(1)
         self.sync_to_disk()
         self.db.close()
         if self._wal_fd is not None:
