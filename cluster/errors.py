@@ -13,6 +13,25 @@ import errno as _errno
 from typing import ClassVar
 
 
+def printable(text: str) -> str:
+    """`text` as valid UTF-8, for messages that quote names.
+
+    Names are bytes and may not be UTF-8; decoded with `os.fsdecode` they carry lone surrogates,
+    which msgpack (and any log shipper) refuses. Undecodable bytes are shown as `\\xff` escapes.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape" if _only_escapes(text) else "backslashreplace")
+        return raw.decode("utf-8", "backslashreplace")
+
+
+def _only_escapes(text: str) -> bool:
+    """Whether every surrogate in `text` is one that surrogateescape made (U+DC80..U+DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
 class DfsError(Exception):
     """Base of every error that a request can answer with."""
 
@@ -20,7 +39,7 @@ class DfsError(Exception):
     errno: ClassVar[int] = _errno.EIO
 
     def __init__(self, message: str = "") -> None:
-        super().__init__(message or self.__class__.__doc__ or self.__class__.__name__)
+        super().__init__(printable(message or self.__class__.__doc__ or self.__class__.__name__))
 
     @property
     def message(self) -> str:

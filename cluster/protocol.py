@@ -23,6 +23,10 @@ import trio
 
 from cluster.errors import ProtocolError
 
+
+class Unencodable(ValueError):
+    """A header msgpack cannot pack (a str with lone surrogates, an int beyond 64 bits)."""
+
 PREFIX = struct.Struct(">II")
 # A header carries names, attributes and chunk lists; 4 MiB holds a readdir page or a chunk
 # list of a 100 GiB file with room to spare, and bounds what a bad peer can make us buffer.
@@ -173,7 +177,12 @@ class FrameStream:
         self._sock: Any = sock if sock is not None and hasattr(sock, "recv_into") else None
 
     async def send(self, header: dict[str, Any], payload: Payload = b"") -> None:
-        raw = pack_header(header)
+        """Send one frame. Raises `Unencodable`, having sent nothing, if the header does not
+        pack (the message is at fault, not the connection)."""
+        try:
+            raw = pack_header(header)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise Unencodable(f"{exc.__class__.__name__}: {exc}") from exc
         prefix = PREFIX.pack(len(raw), len(payload))
         async with self._send_lock:
             if isinstance(payload, FileRegion):

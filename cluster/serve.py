@@ -27,7 +27,7 @@ from cluster import auth, metrics
 from cluster import messages as m
 from cluster.auth import Credentials
 from cluster.errors import AuthFailed, DfsError, ProtocolError
-from cluster.protocol import FileRegion, FrameStream, Limits, Payload
+from cluster.protocol import FileRegion, FrameStream, Limits, Payload, Unencodable
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,12 @@ async def _serve_connection(server: Server, stream: trio.abc.Stream, peer: str) 
                     answer = m.ErrorReply(code=DfsError.code, message=f"internal error: {exc}")
                     metrics.REQUEST_ERRORS.labels(role, name).inc()
             try:
-                await frames.send(answer.to_wire(request_id), out_payload)
+                try:
+                    await frames.send(answer.to_wire(request_id), out_payload)
+                except Unencodable as exc:  # nothing was sent: this request fails, not the link
+                    log.error("%s from %s: the reply would not encode: %s", name, peer, exc)
+                    failed = m.ErrorReply(code=DfsError.code, message="reply not encodable")
+                    await frames.send(failed.to_wire(request_id))
             finally:
                 if isinstance(out_payload, FileRegion):
                     out_payload.close()
