@@ -7,6 +7,7 @@ and a non-zero exit, never a traceback: 1 for a failed operation, 2 for bad usag
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import stat as stat_mod
@@ -339,6 +340,10 @@ async def _run(args: argparse.Namespace, settings: dict[str, Any]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # Names are bytes: print them as the bytes they are, as ls does, whatever their encoding.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="surrogateescape")
     parser = build_parser()
     args, settings = config.parse(parser, "cli", argv)
     setup_logging(settings["log_level"] if args.__dict__.get("log_level") else "ERROR", "dfs")
@@ -352,12 +357,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(0)
     try:
         code = trio.run(_run, args, settings)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below
     except auth.SecretError as exc:
         print(f"dfs {args.command}: {exc}", file=sys.stderr)
         code = 2
     except DfsError as exc:
         print(f"dfs {args.command}: {exc.message}", file=sys.stderr)
         code = 1
+    except BrokenPipeError:
+        # The reader went away (`dfs stat f | head -1`): stop quietly, as Unix tools do. The
+        # interpreter flushes stdout once more at exit; point it at /dev/null so that flush
+        # does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     except OSError as exc:
         print(
             f"dfs {args.command}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
