@@ -134,7 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         credentials = load_credentials(settings)
         if not args.foreground:
             return start_detached(argv, mountpoint)
-        return trio.run(serve, mountpoint, settings, options, credentials)
+        session = FuseSession()
+        session.catch_late_signals()
+        try:
+            return trio.run(serve, mountpoint, settings, options, credentials, session)
+        finally:
+            # The interpreter's own teardown resets Python handlers to the default action.
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
     except MountError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -219,7 +226,11 @@ async def check_tracker(client: Client, tracker: str) -> None:
 
 
 async def serve(
-    mountpoint: str, settings: dict[str, Any], options: set[str], credentials: Credentials
+    mountpoint: str,
+    settings: dict[str, Any],
+    options: set[str],
+    credentials: Credentials,
+    session: FuseSession,
 ) -> int:
     tracker = settings["tracker"]
     async with Client.connect(
@@ -243,7 +254,7 @@ async def serve(
             )
             resolved = os.path.realpath(mountpoint)  # not after mounting: see set_readahead
             try:
-                pyfuse3.init(ops, mountpoint, options)
+                session.start(ops, mountpoint, options)
             except RuntimeError as exc:
                 print(f"{PROG}: cannot mount at {mountpoint}: {exc}", file=sys.stderr, flush=True)
                 nursery.cancel_scope.cancel()
@@ -251,7 +262,7 @@ async def serve(
             if settings["readahead_kb"]:
                 nursery.start_soon(tune_readahead, ops, resolved, settings["readahead_kb"])
             try:
-                await nursery.start(watch_signals, ops)
+                await nursery.start(watch_signals, ops, session)
                 log.info(
                     "mounted %s at %s (options %s)", tracker, mountpoint, ",".join(sorted(options))
                 )
@@ -260,9 +271,12 @@ async def serve(
                 if os.environ.get(DETACHED_ENV):
                     _silence_stderr()
                 await pyfuse3.main()
+                session.ending = True
                 log.info("the kernel ended the session; shutting down")
+                notify("STOPPING=1")
             finally:
-                pyfuse3.close(unmount=True)
+                session.ending = True
+                session.close()
                 with trio.move_on_after(SHUTDOWN_FLUSH_S, shield=True) as scope:
                     await ops.shutdown()
                 if scope.cancelled_caught:
@@ -280,17 +294,65 @@ async def tune_readahead(ops: Operations, mountpoint: str, kib: int) -> None:
     set_readahead(mountpoint, kib)
 
 
-async def watch_signals(ops: Operations, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """SIGINT/SIGTERM: flush every open file (bounded), then end the FUSE session."""
+class FuseSession:
+    """pyfuse3's one session, and whether it still exists.
+
+    `pyfuse3.terminate()` after `pyfuse3.close()` hands libfuse a freed session and the process
+    dies with SIGSEGV: that is what `umount` followed at once by SIGTERM (`systemctl stop`)
+    did, the signal arriving while the shutdown flush ran. Every end of the session goes
+    through here, in the one trio thread, so a check and the call it guards cannot interleave.
+    """
+
+    def __init__(self) -> None:
+        self.open = False
+        self.ending = False  # a signal came, or the kernel ended the session
+
+    def catch_late_signals(self) -> None:
+        """SIGINT/SIGTERM outside `watch_signals`' lifetime (it restores this handler when it
+        ends): before the mount is up, stop as the default action would; once the shutdown
+        has begun, ignore them, or one arriving at its last step would kill the process."""
+
+        def late_signal(signum: int, frame: object) -> None:
+            if not self.ending:
+                raise SystemExit(128 + signum)
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, late_signal)
+
+    def start(self, ops: Operations, mountpoint: str, options: set[str]) -> None:
+        pyfuse3.init(ops, mountpoint, options)
+        self.open = True
+
+    def terminate(self) -> None:
+        """End `pyfuse3.main()`, if the session still exists."""
+        if self.open:
+            pyfuse3.terminate()
+
+    def close(self) -> None:
+        """Unmount (if the kernel has not already) and free the session, once."""
+        if self.open:
+            self.open = False
+            pyfuse3.close(unmount=True)
+
+
+async def watch_signals(
+    ops: Operations, session: FuseSession, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """SIGINT/SIGTERM: flush every open file (bounded), then end the FUSE session. Signals
+    that come once the session is ending are taken and ignored: the shutdown is under way."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
+        stopping = False
         async for signum in signals:
+            if stopping or not session.open:
+                log.info("%s: already shutting down", signal.Signals(signum).name)
+                continue
+            stopping = session.ending = True
             log.info("%s: flushing open files and unmounting", signal.Signals(signum).name)
             notify("STOPPING=1")
             with trio.move_on_after(SHUTDOWN_FLUSH_S):
                 await ops.data.flush_all()
-            pyfuse3.terminate()
-            return
+            session.terminate()  # the kernel may have ended the session during the flush
 
 
 def _silence_stderr() -> None:
