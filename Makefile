@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEB_PACKAGES := fuse3 libfuse3-dev pkg-config rsync git tar openssl chromium systemd python3
+DEB_PACKAGES := fuse3 libfuse3-dev pkg-config patch rsync git tar openssl chromium systemd python3
 STAMP := $(VENV)/.installed
 
 .PHONY: test run lint deps venv bench fuzz clean
@@ -17,10 +17,11 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml packaging/pyfuse3-3.5.0-dfs.patch packaging/build-pyfuse3.sh
 	$(MAKE) deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	packaging/build-pyfuse3.sh $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
