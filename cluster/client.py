@@ -69,10 +69,11 @@ class Attr:
     mtime_ns: int
     ctime_ns: int
     generation: int
+    stored: int = 0  # bytes in committed chunks, holes not counted (st_blocks)
 
     @classmethod
     def from_wire(cls, values: list[int]) -> Attr:
-        if len(values) != 11:
+        if len(values) != 12:
             raise Unavailable("malformed attributes from the tracker")
         return cls(*values)
 
@@ -252,6 +253,12 @@ class Client:
                 mtime_ns=mtime_ns,
                 ctime_ns=ctime_ns,
             )
+        )
+
+    async def punch_chunks(self, ino: int, first_index: int, end_index: int) -> Attr:
+        """Chunks `first_index` to `end_index - 1` become holes (messages.PunchChunks)."""
+        return await self._attr(
+            m.PunchChunks(ino=ino, first_index=first_index, end_index=end_index)
         )
 
     async def readdir(self, ino: int, offset: int = 0, limit: int = READDIR_PAGE) -> list[DirEntry]:

@@ -66,6 +66,7 @@ class MsgType(IntEnum):
     COMMIT_CHUNKS = 52
     REPORT_BAD_CHUNK = 53
     ABANDON_CHUNKS = 54
+    PUNCH_CHUNKS = 55
     CHUNKS_REPLY = 60
     ALLOCATE_REPLY = 61
     # client -> tracker: administration
@@ -548,6 +549,19 @@ class CommitChunks(Message):
     size_bytes: int
     mtime_ns: int
     chunks: list[ChunkList]
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class PunchChunks(Message):
+    """Make chunks `first_index` to `end_index - 1` holes (fallocate's punch hole or zero
+    range over whole chunks): their copies are deleted and they read as zeros. Answered with
+    `AttrReply`; the size stays."""
+
+    TYPE = MsgType.PUNCH_CHUNKS
+    ino: int
+    first_index: int
+    end_index: int
 
 
 @message

@@ -64,6 +64,8 @@ PLACEMENT_FRESH_S = 10.0
 # A truncate or utimens of a file being written flushes first; writes racing with that flush
 # (only possible through mmap write-back) get this many more flushes before we go ahead.
 FLUSH_ROUNDS = 3
+# Zeros written by fallocate's punch hole and zero range at the partial chunks of a range.
+_ZEROS = memoryview(bytes(1 << 20))
 
 
 def _copy(error: DfsError) -> DfsError:
@@ -172,7 +174,7 @@ class FileState:
             self.error_reported = True
             raise _copy(self.error)
 
-    async def write(self, offset: int, data: bytes) -> None:
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
         self._raise_error()
         if not data:
             return
@@ -295,17 +297,52 @@ class FileState:
             self.size, self.mtime_ns = attr.size, attr.mtime_ns
         return True
 
+    async def _flush_before_change(self) -> None:
+        """Flush (lock held) so that no later commit of earlier writes undoes a change made
+        on the tracker next (truncate, times, punched chunks)."""
+        for _ in range(FLUSH_ROUNDS):
+            if not self.has_local_changes:
+                return
+            await self._flush_locked()
+        if self.has_local_changes:
+            log.warning("inode %d: writes kept racing with a change of the file", self.ino)
+
+    async def zero_range(self, start: int, end: int) -> Attr | None:
+        """Bytes [start, end) read as zeros from now on (fallocate's punch hole and zero
+        range). Chunks wholly inside become holes on the tracker, their copies deleted; the
+        partial chunks at the edges are written with zeros like any write. Returns the
+        tracker's new attributes if chunks were punched."""
+        if end <= start:
+            return None
+        await self.ensure_map()
+        chunk_size = self.chunk_size
+        first_whole, end_whole = -(-start // chunk_size), end // chunk_size
+        if first_whole >= end_whole:  # no whole chunk inside
+            await self._write_zeros(start, end)
+            return None
+        await self._write_zeros(start, first_whole * chunk_size)
+        await self._write_zeros(end_whole * chunk_size, end)
+        async with self.lock:
+            await self._flush_before_change()
+            attr = await self.cache.client.punch_chunks(self.ino, first_whole, end_whole)
+            if self.remote is not None:
+                for index in range(first_whole, end_whole):
+                    self.remote.pop(index, None)
+            if not self.has_local_changes:
+                self.mtime_ns = attr.mtime_ns
+            return attr
+
+    async def _write_zeros(self, start: int, end: int) -> None:
+        while start < end:
+            piece = min(end - start, len(_ZEROS))
+            await self.write(start, _ZEROS[:piece])
+            start += piece
+
     async def setattr(self, **fields: int | None) -> Attr:
         """A tracker setattr that must not be overtaken by a later commit (size, times):
         flush first, then apply it, then adjust the local view."""
         async with self.lock:
-            for _ in range(FLUSH_ROUNDS):
-                if not self.has_local_changes:
-                    break
-                await self._flush_locked()
-            else:
-                if self.has_local_changes:
-                    log.warning("inode %d: writes kept racing with setattr", self.ino)
+            await self._flush_before_change()
             attr = await self.cache.client.setattr(self.ino, **fields)
             size = fields.get("size_bytes")
             if size is not None:

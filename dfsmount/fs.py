@@ -48,6 +48,11 @@ FREE_INODES = 1 << 32
 # A read within this distance of where the last one ended counts as sequential: the kernel's
 # read-ahead sends several requests at once, and they may arrive out of order.
 SEQUENTIAL_SLACK = 4 << 20
+# fallocate(2) modes (linux/falloc.h); any other bit gets EOPNOTSUPP, as on ext4 for most.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOCATE_MODES = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
 
 
 def fuse_op(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -359,9 +364,11 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.FileInfo:
         log.debug("open %d %o", inode, flags)
         state, fh, keep = await self._open(inode, flags, None)
-        if flags & os.O_TRUNC and (state.size or state.has_local_changes):
+        if flags & os.O_TRUNC:
+            # Even an empty file: as on ext4, O_TRUNC sets mtime and ctime. The new attributes
+            # go into the cache, which the kernel's next getattr (`stat` after `: > f`) reads.
             try:
-                await state.setattr(size_bytes=0)
+                self.attrs.put(await state.setattr(size_bytes=0))
             except BaseException:
                 await self.release(pyfuse3.FileHandleT(fh))
                 raise
@@ -416,6 +423,22 @@ class Operations(pyfuse3.Operations):
         log.debug("fsync %d", fh)
         if not await self.handles.files[fh].state.flush():
             await self.client.sync()  # nothing to commit: the file's creation may still be new
+
+    @fuse_op
+    async def fallocate(self, fh: pyfuse3.FileHandleT, mode: int, offset: int, length: int) -> None:
+        """fallocate(2). Nothing is reserved on keepers (a later write, close or fsync still
+        reports ENOSPC); mode 0 extends the size, punch hole and zero range make the range read
+        as zeros, with the chunks wholly inside it freed."""
+        log.debug("fallocate %d mode %#x [%d, +%d)", fh, mode, offset, length)
+        if mode & ~FALLOCATE_MODES or (mode & FALLOC_FL_PUNCH_HOLE and mode & FALLOC_FL_ZERO_RANGE):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        state, end = self.handles.files[fh].state, offset + length
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            attr = await state.zero_range(offset, min(end, state.size))
+            if attr is not None:
+                self.attrs.put(attr)  # st_blocks went down
+        if not mode & FALLOC_FL_KEEP_SIZE and end > state.size:
+            self.attrs.put(await state.setattr(size_bytes=end))
 
     @fuse_op
     async def release(self, fh: pyfuse3.FileHandleT) -> None:

@@ -50,7 +50,10 @@ def entry_attributes(
     entry.st_rdev = attr.rdev
     entry.st_size = attr.size if size is None else size
     entry.st_blksize = BLKSIZE
-    entry.st_blocks = (entry.st_size + 511) // 512 if stat.S_ISREG(attr.mode) else 0
+    # What is stored, not what holes span (`du` of a sparse file, `ls -s`); bytes appended
+    # here and not yet committed count as stored.
+    stored = attr.stored if size is None else attr.stored + max(0, size - attr.size)
+    entry.st_blocks = (stored + 511) // 512 if stat.S_ISREG(attr.mode) else 0
     entry.st_atime_ns = attr.atime_ns
     entry.st_mtime_ns = attr.mtime_ns if mtime_ns is None else mtime_ns
     entry.st_ctime_ns = (

@@ -303,7 +303,24 @@ class Namespace:
                 inode.mtime_ns = mtime_ns
             inode.ctime_ns = ctime_ns if ctime_ns is not None else now
             self.store.update_inode(inode)
+            if removal.chunks or size is not None:
+                inode = self.inode(ino)  # read back: a truncate changes the stored bytes
             return inode, removal
+
+    def punch(self, ino: int, first_index: int, end_index: int) -> tuple[Inode, Removal]:
+        """Make whole chunks holes (fallocate's punch hole and zero range): they read as
+        zeros and their copies are deleted. The size stays; mtime and ctime move."""
+        with self.store.transaction():
+            inode = self.inode(ino)
+            if not stat.S_ISREG(inode.mode):
+                raise InvalidArgument("punch in a file that is not regular")
+            if not 0 <= first_index <= end_index:
+                raise InvalidArgument("bad chunk range")
+            removal = Removal()
+            removal.chunks = self.store.drop_chunks_between(ino, first_index, end_index)
+            inode.mtime_ns = inode.ctime_ns = time.time_ns()
+            self.store.update_inode(inode)
+            return self.inode(ino), removal
 
     def _truncate(self, inode: Inode, size: int) -> list[ChunkRow]:
         chunk_size = inode.chunk_size or self.chunk_size

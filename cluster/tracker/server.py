@@ -108,6 +108,7 @@ class Tracker:
             m.GetChunks: self.get_chunks,
             m.AllocateChunk: self.allocate_chunk,
             m.CommitChunks: self.commit_chunks,
+            m.PunchChunks: self.punch_chunks,
             m.ReportBadChunk: self.report_bad_chunk,
             m.AbandonChunks: self.abandon_chunks,
             m.ClusterStatus: self.cluster_status,
@@ -372,9 +373,15 @@ class Tracker:
             inode.mtime_ns = msg.mtime_ns
             inode.ctime_ns = time.time_ns()
             self.store.update_inode(inode)
+            inode = self.namespace.inode(msg.ino)  # read back: the stored bytes changed
         for old in replaced:
             self.registry.queue_delete(old.chunk_id, old.version)
         await self.durable.sync()  # the data is acknowledged when this returns
+        return m.AttrReply(attr=inode.as_list())
+
+    async def punch_chunks(self, msg: m.PunchChunks, peer: str) -> m.Message:
+        inode, removal = self.namespace.punch(msg.ino, msg.first_index, msg.end_index)
+        self._removed(removal)
         return m.AttrReply(attr=inode.as_list())
 
     async def abandon_chunks(self, msg: m.AbandonChunks, peer: str) -> m.Message:

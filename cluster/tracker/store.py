@@ -52,7 +52,9 @@ CREATE TABLE IF NOT EXISTS inodes (
     ctime_ns    INTEGER NOT NULL,
     chunk_size  INTEGER NOT NULL DEFAULT 0,  -- bytes per chunk, fixed when the file is made
     replication INTEGER NOT NULL DEFAULT 0,  -- copies per chunk; 0: the cluster default
-    target      BLOB               -- symlink target, NULL otherwise
+    target      BLOB,              -- symlink target, NULL otherwise
+    stored      INTEGER NOT NULL DEFAULT 0  -- bytes in committed chunks (st_blocks): holes
+                                            -- are not stored; kept by the chunk methods
 );
 
 -- Names. The id is the readdir cookie: stable while other entries come and go.
@@ -125,6 +127,7 @@ class Inode:
     chunk_size: int
     replication: int
     target: bytes | None
+    stored: int = 0  # read from the store, never written through update_inode
 
     def as_list(self) -> list[int]:
         """The wire form (messages.AttrList); generation is 0 as inodes are never reused."""
@@ -140,6 +143,7 @@ class Inode:
             self.mtime_ns,
             self.ctime_ns,
             0,
+            self.stored,
         ]
 
 
@@ -208,6 +212,7 @@ class MetadataStore(Protocol):
     def get_chunks(self, ino: int, first: int, count: int) -> list[ChunkRow]: ...
     def put_chunk(self, row: ChunkRow) -> ChunkRow | None: ...
     def drop_chunks_from(self, ino: int, first: int) -> list[ChunkRow]: ...
+    def drop_chunks_between(self, ino: int, first: int, end: int) -> list[ChunkRow]: ...
     def chunk_for(self, ino: int, idx: int) -> ChunkRow | None: ...
     def committed_version(self, chunk_id: int) -> int | None: ...
     def next_chunk_id(self) -> int: ...
@@ -234,6 +239,7 @@ class SqliteStore:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=OFF")
         self.db.executescript(SCHEMA)
+        self._migrate()
         self._depth = 0
         self._wal_path = Path(f"{path}-wal")
         self._wal_fd: int | None = None
@@ -245,6 +251,17 @@ class SqliteStore:
                     (ROOT_INO, 0o40755, 2, 0, 0, 0, 0, now, now, now, 0, 0, None),
                 )
         self._start_counters()
+
+    def _migrate(self) -> None:
+        """Bring a database made by an older tracker up to SCHEMA, one explicit step each."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(inodes)")}
+        if "stored" not in columns:  # added with st_blocks: backfill from the chunk lists
+            with self.transaction():
+                self.db.execute("ALTER TABLE inodes ADD COLUMN stored INTEGER NOT NULL DEFAULT 0")
+                self.db.execute(
+                    "UPDATE inodes SET stored ="
+                    " (SELECT COALESCE(SUM(length), 0) FROM chunks WHERE chunks.ino = inodes.ino)"
+                )
 
     def _start_counters(self) -> None:
         """Move every id counter past what an unclean stop may have lost (module docstring),
@@ -331,7 +348,9 @@ class SqliteStore:
     # --- inodes ---------------------------------------------------------------------------
 
     def get_inode(self, ino: int) -> Inode | None:
-        row = self.db.execute(f"SELECT {_INODE_COLUMNS} FROM inodes WHERE ino=?", (ino,)).fetchone()
+        row = self.db.execute(
+            f"SELECT {_INODE_COLUMNS}, stored FROM inodes WHERE ino=?", (ino,)
+        ).fetchone()
         return Inode(*row) if row else None
 
     def insert_inode(self, inode: Inode) -> int:
@@ -419,12 +438,32 @@ class SqliteStore:
             " VALUES (?,?,?,?,?,?)",
             (row.ino, row.idx, row.chunk_id, row.version, row.length, _to_sql(row.digest)),
         )
+        self._add_stored(row.ino, row.length - (old.length if old is not None else 0))
         return old
 
     def drop_chunks_from(self, ino: int, first: int) -> list[ChunkRow]:
-        dropped = self.get_chunks(ino, first, 1 << 62)
-        self.db.execute("DELETE FROM chunks WHERE ino=? AND idx>=?", (ino, first))
+        return self.drop_chunks_between(ino, first, 1 << 62)
+
+    def drop_chunks_between(self, ino: int, first: int, end: int) -> list[ChunkRow]:
+        """Remove chunks `first` to `end - 1` of `ino` (they become holes); returns them."""
+        dropped = [
+            ChunkRow(r[0], r[1], r[2], r[3], r[4], _from_sql(r[5]))
+            for r in self.db.execute(
+                "SELECT ino, idx, chunk_id, version, length, digest FROM chunks"
+                " WHERE ino=? AND idx>=? AND idx<?",
+                (ino, first, end),
+            )
+        ]
+        if dropped:
+            self.db.execute(
+                "DELETE FROM chunks WHERE ino=? AND idx>=? AND idx<?", (ino, first, end)
+            )
+            self._add_stored(ino, -sum(row.length for row in dropped))
         return dropped
+
+    def _add_stored(self, ino: int, delta: int) -> None:
+        if delta:
+            self.db.execute("UPDATE inodes SET stored = stored + ? WHERE ino=?", (delta, ino))
 
     def chunk_by_id(self, chunk_id: int) -> ChunkRow | None:
         row = self.db.execute(
