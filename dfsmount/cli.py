@@ -259,6 +259,11 @@ async def serve(
                 print(f"{PROG}: cannot mount at {mountpoint}: {exc}", file=sys.stderr, flush=True)
                 nursery.cancel_scope.cancel()
                 return 1
+            if not hasattr(pyfuse3.Operations, "fallocate"):
+                log.warning(
+                    "this pyfuse3 does not pass fallocate on (packaging/build-pyfuse3.sh builds"
+                    " one that does): fallocate on the mount gets EOPNOTSUPP"
+                )
             if settings["readahead_kb"]:
                 nursery.start_soon(tune_readahead, ops, resolved, settings["readahead_kb"])
             try:

@@ -239,10 +239,10 @@ class SqliteStore:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=OFF")
         self.db.executescript(SCHEMA)
-        self._migrate()
         self._depth = 0
         self._wal_path = Path(f"{path}-wal")
         self._wal_fd: int | None = None
+        self._migrate()
         if self.get_inode(ROOT_INO) is None:
             now = time.time_ns()
             with self.transaction():
