@@ -99,6 +99,15 @@ def status_kib(pid: int, key: str) -> int:
     raise BenchError(f"no {key} in /proc/{pid}/status")
 
 
+def write_bytes(pid: int) -> int:
+    """Bytes process `pid` has caused to be written to storage (/proc/PID/io; root)."""
+    with open(f"/proc/{pid}/io") as io:
+        for line in io:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    raise BenchError(f"no write_bytes in /proc/{pid}/io")
+
+
 def peak_rss_mib(pid: int) -> float:
     """The process's peak resident set since it started or since `reset_peak_rss`."""
     return status_kib(pid, "VmHWM") / 1024

@@ -1,7 +1,8 @@
 """`make bench`: dfs against its ceiling and against ext4, all measured in the same run.
 
     python -m bench.run [--quick | --scale F] [--size-mb N] [--files N] [--creates N]
-                        [--namespace-files N] [--memfs-writeback] [--json PATH]
+                        [--namespace-files N] [--memfs-writeback] [--only big|small]
+                        [--json PATH]
 
 What it does: starts a local cluster (a tracker and three keepers, replication 2, otherwise
 default settings) with its data in a scratch directory under /var/tmp, mounts it with
@@ -27,6 +28,10 @@ The workload (sizes for the full run; `--quick` divides them by 16, `--scale` by
   would write to /dev/null) and `rm -rf` of it (seconds);
 - 5,000 empty files created in one directory (os.open + os.close), then stat-ed, then unlinked,
   one at a time (`bench.fileops`, ops/s);
+- small synced writes (`bench.smallwrites`): 1,000 appends of 4 KiB with O_DSYNC, 300 writes
+  of 4 KiB at random offsets of a 64 MiB file each followed by fsync, and 200 SQLite
+  transactions of 50 rows in WAL mode (seconds); for dfs also the bytes the keepers wrote to
+  disk per synced random write and copy (from /proc/PID/io, less the file's first 64 MiB);
 - `dfs put` and `dfs get` of the big file (MB/s; the other columns repeat cp and cat);
 - dfs-mount's peak RSS while the big file is copied in and read back (the larger of the two
   mount processes' peaks), and each keeper's and the tracker's peak RSS over the whole run
@@ -77,7 +82,9 @@ from bench.procs import (
     reset_peak_rss,
     run_bounded,
     shell,
+    write_bytes,
 )
+from bench.smallwrites import RANDOM_FILE_BYTES
 from tests.cluster_procs import ProcCluster
 
 BIN = Path(sys.executable).parent
@@ -102,6 +109,9 @@ class Sizes:
     files: int = 2000
     file_bytes: int = 4096
     creates: int = 5000
+    appends: int = 1000
+    random_writes: int = 300
+    sqlite_txns: int = 200
 
     def scaled(self, scale: float) -> Sizes:
         return Sizes(
@@ -109,6 +119,9 @@ class Sizes:
             files=max(10, round(self.files * scale)),
             file_bytes=self.file_bytes,
             creates=max(10, round(self.creates * scale)),
+            appends=max(20, round(self.appends * scale)),
+            random_writes=max(20, round(self.random_writes * scale)),
+            sqlite_txns=max(10, round(self.sqlite_txns * scale)),
         )
 
     @property
@@ -155,6 +168,9 @@ class Hooks:
     before_cp: Hook = _nothing
     before_cat: Hook = _nothing
     after_cat: Hook = _nothing
+    # Bytes the target's storage servers have written to disk so far (dfs: every keeper's
+    # write_bytes from /proc/PID/io); None where there are none to ask.
+    disk_bytes: Callable[[], int] | None = None
 
 
 @dataclass
@@ -219,6 +235,42 @@ class Bench:
     # --- the workload on one target -------------------------------------------------------
 
     def run_target(self, target: str, root: Path, hooks: Hooks | None = None) -> dict[str, float]:
+        hooks = hooks or Hooks()
+        r: dict[str, float] = {}
+        if self.args.only in ("", "big"):
+            r |= self.run_big_and_tree(target, root, hooks)
+        if self.args.only in ("", "small"):
+            r |= self.run_small_writes(target, root, hooks)
+        return r
+
+    def run_small_writes(self, target: str, root: Path, hooks: Hooks) -> dict[str, float]:
+        """Synced appends, synced random writes and SQLite transactions (bench.smallwrites);
+        for dfs also the keepers' disk bytes per synced random write and replica."""
+        s, r = self.sizes, {}
+        work = root / "small"
+        work.mkdir()
+        for op, count, key in [
+            ("append", s.appends, "small_append_s"),
+            ("random", s.random_writes, "small_random_s"),
+            ("sqlite", s.sqlite_txns, "small_sqlite_s"),
+        ]:
+            self.phase = f"{target}: {count} x {op} (bench.smallwrites)"
+            self.say(self.phase)
+            before = hooks.disk_bytes() if hooks.disk_bytes and op == "random" else 0
+            _, out = run_bounded(
+                [sys.executable, "-m", "bench.smallwrites", op, str(work), str(count)],
+                self.deadline(64 * MiB, 4 * count),
+                what=self.phase,
+            )
+            r[key] = json.loads(out)["seconds"]
+            if hooks.disk_bytes and op == "random":
+                # The 64 MiB the file starts with is written first; subtract it per replica.
+                written = hooks.disk_bytes() - before - REPLICATION * RANDOM_FILE_BYTES
+                r["small_random_disk_bytes"] = max(0, written) / count / REPLICATION
+        work.rmdir()
+        return r
+
+    def run_big_and_tree(self, target: str, root: Path, hooks: Hooks) -> dict[str, float]:
         s = self.sizes
         r: dict[str, float] = {}
         big, tree, creates = root / "big", root / "tree", root / "creates"
@@ -227,7 +279,6 @@ class Bench:
         self.phase = f"{target}: cp of the big file"
         self.say(self.phase)
         self.warm(self.source)
-        hooks = hooks or Hooks()
         hooks.before_cp()
         seconds = shell(
             f"cp {shlex.quote(str(self.source))} {q['big']} && sync",
@@ -357,7 +408,10 @@ class Bench:
             self.rss["mount_cat"] = peak_rss_mib(m.pid)
             self.rss["mount"] = max(self.rss["mount_cp"], self.rss["mount_cat"])
 
-        hooks = Hooks(before_cp, before_cat, after_cat)
+        def disk_bytes() -> int:
+            return sum(write_bytes(k.pid) for k in cluster.keepers)
+
+        hooks = Hooks(before_cp, before_cat, after_cat, disk_bytes)
         self.results["dfs"] = self.run_target("dfs", m.path, hooks)
         self.phase = "unmounting dfs"
         self.stop_mount(m)
@@ -415,12 +469,14 @@ class Bench:
     def run(self) -> None:
         self.phase = "making the source files"
         self.say(f"scratch directory {self.scratch}; sizes {self.sizes}")
-        self.make_sources()
+        if self.args.only != "small":
+            self.make_sources()
         self.run_ext4()
         self.run_memfs()
         cluster = self.start_cluster()
         self.run_dfs(cluster)
-        self.run_cli(cluster)
+        if self.args.only != "small":
+            self.run_cli(cluster)
         if self.args.namespace_files:
             self.run_namespace(cluster)
         assert cluster.tracker is not None
@@ -453,54 +509,78 @@ class Bench:
     def rows(self) -> list[Row]:
         s = self.sizes
         dfs, mem, ext = self.results["dfs"], self.results["memfs"], self.results["ext4"]
-        cli = self.results["cli"]
         n, c = s.files, s.creates
 
         def both(key: str, label: str, unit: str, higher: bool = True) -> Row:
             return Row(key, label, unit, higher, dfs[key], mem[key], ext[key])
 
-        rows = [
-            both("big_cp_mbs", f"cp {s.big_label} file + sync", "MB/s"),
-            both("big_cat_mbs", f"cat {s.big_label} file, cold", "MB/s"),
-            both("tree_cp_files_s", f"cp -r {n} x 4 KiB + sync", "files/s"),
-            both("tree_ls_s", f"ls -lR {n}-file tree, cold", "s", higher=False),
-            both("tree_tar_s", f"tar c {n}-file tree, cold", "s", higher=False),
-            both("tree_rm_s", f"rm -rf {n}-file tree, cold", "s", higher=False),
-            both("create_ops", f"create {c} empty, one dir", "ops/s"),
-            both("stat_ops", f"stat {c}, cold", "ops/s"),
-            both("unlink_ops", f"unlink {c}, cold", "ops/s"),
-            Row(
-                "cli_put_mbs",
-                f"dfs put {s.big_label}",
-                "MB/s",
-                True,
-                cli["cli_put_mbs"],
-                mem["big_cp_mbs"],
-                ext["big_cp_mbs"],
-                "memfs, ext4: cp + sync",
-            ),
-            Row(
-                "cli_get_mbs",
-                f"dfs get {s.big_label}",
-                "MB/s",
-                True,
-                cli["cli_get_mbs"],
-                mem["big_cat_mbs"],
-                ext["big_cat_mbs"],
-                "memfs, ext4: cat, cold",
-            ),
-            Row(
-                "mount_rss_mib",
-                "dfs-mount peak RSS, big cp / cat",
-                "MiB",
-                False,
-                self.rss["mount"],
-                note="VmHWM",
-            ),
-            Row(
-                "tracker_rss_mib", "tracker peak RSS, whole run", "MiB", False, self.rss["tracker"]
-            ),
-        ]
+        rows: list[Row] = []
+        if "big_cp_mbs" in dfs:
+            rows += [
+                both("big_cp_mbs", f"cp {s.big_label} file + sync", "MB/s"),
+                both("big_cat_mbs", f"cat {s.big_label} file, cold", "MB/s"),
+                both("tree_cp_files_s", f"cp -r {n} x 4 KiB + sync", "files/s"),
+                both("tree_ls_s", f"ls -lR {n}-file tree, cold", "s", higher=False),
+                both("tree_tar_s", f"tar c {n}-file tree, cold", "s", higher=False),
+                both("tree_rm_s", f"rm -rf {n}-file tree, cold", "s", higher=False),
+                both("create_ops", f"create {c} empty, one dir", "ops/s"),
+                both("stat_ops", f"stat {c}, cold", "ops/s"),
+                both("unlink_ops", f"unlink {c}, cold", "ops/s"),
+            ]
+        if "small_append_s" in dfs:
+            rows += [
+                both("small_append_s", f"{s.appends} x 4 KiB O_DSYNC appends", "s", False),
+                both(
+                    "small_random_s", f"{s.random_writes} x 4 KiB write+fsync in 64 MiB", "s", False
+                ),
+                both("small_sqlite_s", f"SQLite WAL, {s.sqlite_txns} x 50-row txns", "s", False),
+                Row(
+                    "small_random_disk_bytes",
+                    "keeper disk bytes per synced 4 KiB write",
+                    "B/copy",
+                    False,
+                    dfs["small_random_disk_bytes"],
+                    note="/proc/PID/io write_bytes",
+                ),
+            ]
+        cli = self.results.get("cli")
+        if cli is not None:
+            rows += [
+                Row(
+                    "cli_put_mbs",
+                    f"dfs put {s.big_label}",
+                    "MB/s",
+                    True,
+                    cli["cli_put_mbs"],
+                    mem["big_cp_mbs"],
+                    ext["big_cp_mbs"],
+                    "memfs, ext4: cp + sync",
+                ),
+                Row(
+                    "cli_get_mbs",
+                    f"dfs get {s.big_label}",
+                    "MB/s",
+                    True,
+                    cli["cli_get_mbs"],
+                    mem["big_cat_mbs"],
+                    ext["big_cat_mbs"],
+                    "memfs, ext4: cat, cold",
+                ),
+            ]
+        if "mount" in self.rss:
+            rows.append(
+                Row(
+                    "mount_rss_mib",
+                    "dfs-mount peak RSS, big cp / cat",
+                    "MiB",
+                    False,
+                    self.rss["mount"],
+                    note="VmHWM",
+                )
+            )
+        rows.append(
+            Row("tracker_rss_mib", "tracker peak RSS, whole run", "MiB", False, self.rss["tracker"])
+        )
         for i in range(KEEPERS):
             rows.append(
                 Row(
@@ -592,6 +672,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--phase-timeout", type=float, default=0, help="seconds per phase (default: by size)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument(
+        "--only",
+        choices=["big", "small"],
+        default="",
+        help="only the big-file, tree and metadata phases, or only the small synced writes",
+    )
     args = parser.parse_args(argv)
     if args.scale <= 0:
         parser.error("--scale must be positive")
