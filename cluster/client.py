@@ -550,9 +550,13 @@ class Client:
         index: int,
         data: bytes | bytearray | memoryview,
         placement: Placement | None = None,
+        *,
+        sync: bool = True,
     ) -> ChunkInfo:
         """Store `data` as a new version of chunk `index` of `ino` on its placement (the one
-        given, from `create`, else a new one from the tracker).
+        given, from `create`, else a new one from the tracker); with `sync`, fsynced on every
+        copy (else written into the keepers' files, on their disks within their write-back
+        interval or at `sync_chunks`).
 
         The version is not visible to readers until `commit`. If a keeper fails, the tracker
         is asked for a placement without it; NoSpace means no keeper can take it.
@@ -572,6 +576,7 @@ class Client:
                 version=alloc.version,
                 checksums=sums,
                 forward=alloc.keepers[1:],
+                sync=sync,
             )
             try:
                 async with self.transfers:
@@ -632,17 +637,49 @@ class Client:
             await self._tracker(m.AbandonChunks(chunks=[c.to_wire() for c in chunks]), m.OkReply)
 
     async def commit(
-        self, ino: int, size_bytes: int, chunks: list[ChunkInfo], mtime_ns: int | None = None
+        self,
+        ino: int,
+        size_bytes: int,
+        chunks: list[ChunkInfo],
+        mtime_ns: int | None = None,
+        *,
+        sync: bool = True,
     ) -> Attr:
-        """Publish written chunk versions and the file size atomically."""
+        """Publish written chunk versions and the file size atomically; with `sync`, return
+        once the commit is on the tracker's disk (else once it is committed)."""
         return await self._attr(
             m.CommitChunks(
                 ino=ino,
                 size_bytes=size_bytes,
                 mtime_ns=time.time_ns() if mtime_ns is None else mtime_ns,
                 chunks=[c.to_wire() for c in chunks],
+                sync=sync,
             )
         )
+
+    async def sync_chunks(self, chunks: list[ChunkInfo]) -> None:
+        """Have every keeper that holds one of `chunks` fsync it (those stored without
+        `sync`); one request per keeper, all at once. Any keeper failing fails the call:
+        the data is then not known to be on every copy's disk."""
+        by_keeper: dict[str, list[list[int]]] = {}
+        for info in chunks:
+            for addr in info.keepers:
+                by_keeper.setdefault(addr, []).append([info.chunk_id, info.version])
+        failures: list[str] = []
+
+        async def one(addr: str, pairs: list[list[int]]) -> None:
+            try:
+                with trio.fail_after(self.io_timeout_s):
+                    await self.pool.call(addr, m.SyncChunks(chunks=pairs), m.OkReply)
+            except (DfsError, trio.TooSlowError) as exc:
+                self.pool.drop(addr)
+                failures.append(f"{addr}: {exc or 'timeout'}")
+
+        async with trio.open_nursery() as nursery:
+            for addr, pairs in by_keeper.items():
+                nursery.start_soon(one, addr, pairs)
+        if failures:
+            raise Unavailable(f"chunks not synced on {', '.join(failures)}")
 
     # --- whole files ---------------------------------------------------------------------
 

@@ -70,6 +70,18 @@ def _int(value: Any) -> int:
     return int(value)
 
 
+def _bool(value: Any) -> bool:
+    """A TOML boolean, or true/false, yes/no, on/off, 1/0 from a flag or the environment."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 ALL = ("cluster", "tracker", "keeper", "mount", "cli")
 SERVERS = ("tracker", "keeper")
 
@@ -114,6 +126,7 @@ KEYS: dict[str, Key] = {
         Key("http", _str, "", "HOST:PORT of the status page", ("tracker", "keeper")),
         Key("metrics", _str, "", "HOST:PORT of the Prometheus metrics", ("tracker", "keeper")),
         Key("dirty_mb", _int, 192, "bound on buffered writes", ("mount",)),
+        Key("sync_on_close", _bool, False, "close() waits for fsync on every copy", ("mount",)),
         Key("cache_mb", _int, 192, "bound on the read cache", ("mount",)),
         Key("readahead_kb", _int, 1024, "kernel read-ahead of the mount (0: leave)", ("mount",)),
         Key(

@@ -87,6 +87,7 @@ class MsgType(IntEnum):
     PUT_CHUNK_REPLY = 101
     READ_CHUNK = 102
     READ_CHUNK_REPLY = 103
+    SYNC_CHUNKS = 104
 
 
 @dataclass(frozen=True, slots=True)
@@ -549,6 +550,9 @@ class CommitChunks(Message):
     size_bytes: int
     mtime_ns: int
     chunks: list[ChunkList]
+    # Answer once the commit is in the fsynced WAL (fsync, `dfs put`); without it, once it is
+    # committed (in the WAL, safe from a tracker crash: `close`).
+    sync: bool = True
 
 
 @message
@@ -730,13 +734,16 @@ class Goodbye(Message):
 class PutChunk(Message):
     """Store a chunk version; the payload is its bytes. The keeper checks `checksums` (packed
     per-block xxh3_64) before it answers, forwards the chunk to `forward[0]` with the rest of
-    the list, and answers once its own copy and every copy downstream are durable."""
+    the list, and answers once its own copy and every copy downstream are stored: written into
+    the chunk file (safe from a crash of any process), and with `sync` also fsynced (safe from
+    a power cut). An unsynced copy reaches the disk within the keeper's write-back interval."""
 
     TYPE = MsgType.PUT_CHUNK
     chunk_id: int
     version: int
     checksums: bytes
     forward: list[str] = field(default_factory=list)
+    sync: bool = True
 
 
 @message
@@ -747,6 +754,16 @@ class PutChunkReply(Message):
     TYPE = MsgType.PUT_CHUNK_REPLY
     stored: list[str]
     failed: list[str] = field(default_factory=list)
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class SyncChunks(Message):
+    """fsync these chunk versions ([chunk_id, version] each) if they are not on the disk yet;
+    answered with `OkReply` once they are. A version this keeper does not hold is an error."""
+
+    TYPE = MsgType.SYNC_CHUNKS
+    chunks: list[list[int]]
 
 
 @message

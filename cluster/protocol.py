@@ -27,6 +27,7 @@ from cluster.errors import ProtocolError
 class Unencodable(ValueError):
     """A header msgpack cannot pack (a str with lone surrogates, an int beyond 64 bits)."""
 
+
 PREFIX = struct.Struct(">II")
 # A header carries names, attributes and chunk lists; 4 MiB holds a readdir page or a chunk
 # list of a 100 GiB file with room to spare, and bounds what a bad peer can make us buffer.

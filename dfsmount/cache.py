@@ -8,7 +8,16 @@ the first open, dropped after the last release). It holds:
 - `remote`: the committed chunk map (index -> ChunkInfo) as last fetched, None until needed;
 - `dirty`: index -> ChunkBuffer accepting writes;
 - `uploading`: index -> _Upload, a buffer being stored as a new chunk version;
-- `pending`: index -> ChunkInfo stored on the keepers but not yet committed.
+- `pending`: index -> ChunkInfo stored on the keepers but not yet committed;
+- `unsynced`: index -> ChunkInfo stored without fsync (by a background upload or a close) and
+  not yet synced; `sync_known` says whether that list is complete (a file created here, or
+  one whose earlier state left its list behind) or whether a sync must ask the keepers about
+  every chunk of the file.
+
+Durability follows DESIGN.md's two levels: `flush(sync=False)` (close) returns once every
+chunk is written into its keepers' files and the tracker has committed the list;
+`flush(sync=True)` (fsync, O_SYNC/O_DSYNC writes, close with `sync_on_close`) also has the
+keepers fsync every chunk of the file not yet synced and the tracker fsync its WAL.
 
 The newest version of chunk i is `pending[i]`, else `remote[i]`; a dirty or uploading buffer of
 chunk i lies over it.
@@ -64,6 +73,9 @@ PLACEMENT_FRESH_S = 10.0
 # A truncate or utimens of a file being written flushes first; writes racing with that flush
 # (only possible through mmap write-back) get this many more flushes before we go ahead.
 FLUSH_ROUNDS = 3
+# Closed inodes whose unsynced chunks are remembered for a later fsync; past this, an fsync of
+# a reopened file asks its keepers to sync all its chunks.
+UNSYNCED_MEMORY = 4096
 # Zeros written by fallocate's punch hole and zero range at the partial chunks of a range.
 _ZEROS = memoryview(bytes(1 << 20))
 
@@ -74,10 +86,11 @@ def _copy(error: DfsError) -> DfsError:
 
 
 class _Upload:
-    __slots__ = ("buffer", "done")
+    __slots__ = ("buffer", "done", "sync")
 
-    def __init__(self, buffer: ChunkBuffer) -> None:
+    def __init__(self, buffer: ChunkBuffer, sync: bool) -> None:
         self.buffer = buffer
+        self.sync = sync  # fsynced on the keepers (started by an fsync's flush)
         self.done = trio.Event()
 
 
@@ -94,6 +107,8 @@ class FileState:
         self.dirty: dict[int, ChunkBuffer] = {}
         self.uploading: dict[int, _Upload] = {}
         self.pending: dict[int, ChunkInfo] = {}
+        self.unsynced: dict[int, ChunkInfo] = {}
+        self.sync_known = False
         self.writes = 0  # writes accepted so far
         self.committed_writes = 0  # writes covered by the last commit
         # Where chunk 0 of a file this mount just created goes (allocated with the create),
@@ -216,11 +231,11 @@ class FileState:
                 self.start_upload(buf)
             return
 
-    def start_upload(self, buf: ChunkBuffer) -> None:
+    def start_upload(self, buf: ChunkBuffer, *, sync: bool = False) -> None:
         """Move `buf` from dirty to uploading and store it in the background."""
         del self.dirty[buf.index]
         self.cache.unregister(self, buf)
-        upload = _Upload(buf)
+        upload = _Upload(buf, sync)
         self.uploading[buf.index] = upload
         self.cache.uploading_bytes += buf.accounted
         self.cache.nursery.start_soon(self._upload, upload, name=f"upload {self.ino}:{buf.index}")
@@ -244,8 +259,14 @@ class FileState:
                 and trio.current_time() - self.first_chunk_at < PLACEMENT_FRESH_S
             ):
                 placement, self.first_chunk = self.first_chunk, None
-            info = await self.cache.client.write_chunk(self.ino, buf.index, buf.data, placement)
+            info = await self.cache.client.write_chunk(
+                self.ino, buf.index, buf.data, placement, sync=upload.sync
+            )
             self.pending[buf.index] = info
+            if upload.sync:
+                self.unsynced.pop(buf.index, None)  # a newer version, on the disk
+            else:
+                self.unsynced[buf.index] = info
             self.cache.chunks.put(info, buf.data)
         except DfsError as exc:
             self._fail(buf.index, exc)
@@ -265,19 +286,39 @@ class FileState:
 
     # --- flush and commit -----------------------------------------------------------------
 
-    async def flush(self) -> bool:
+    async def flush(self, *, sync: bool = False) -> bool:
         """Store and commit every write made before this call; raise the upload error if any.
-        Returns whether anything was committed (a commit is on the tracker's disk)."""
+        With `sync`, every chunk of the file is on its keepers' disks and the commit on the
+        tracker's when this returns. Returns whether anything was committed."""
         async with self.lock:
-            return await self._flush_locked()
+            committed = await self._flush_locked(sync=sync)
+            if sync:
+                await self._sync_stored()
+            return committed
 
-    async def _flush_locked(self) -> bool:
+    async def _sync_stored(self) -> None:
+        """Have the keepers fsync what was stored here without sync; if this state does not
+        know what that was (the file was written before it existed), every chunk of the file."""
+        if not self.sync_known:
+            chunks = await self.cache.client.get_chunks(self.ino)
+            await self.cache.client.sync_chunks(list(chunks.chunks.values()))
+            self.sync_known = True
+            self.unsynced.clear()
+            return
+        infos = list(self.unsynced.values())
+        if infos:
+            await self.cache.client.sync_chunks(infos)
+            for info in infos:
+                if self.unsynced.get(info.index) is info:
+                    del self.unsynced[info.index]
+
+    async def _flush_locked(self, *, sync: bool = False) -> bool:
         self._raise_error()
         if not self.has_local_changes:
             return False
         size, writes = self.size, self.writes
         for buf in list(self.dirty.values()):
-            self.start_upload(buf)
+            self.start_upload(buf, sync=sync)
         for upload in list(self.uploading.values()):
             await upload.done.wait()
         self._raise_error()
@@ -285,7 +326,7 @@ class FileState:
         # A chunk uploaded meanwhile for a racing write may reach past the snapshot's size.
         for info in chunks:
             size = max(size, min(self.size, info.index * self.chunk_size + info.length))
-        attr = await self.cache.client.commit(self.ino, size, chunks, self.mtime_ns)
+        attr = await self.cache.client.commit(self.ino, size, chunks, self.mtime_ns, sync=sync)
         self.cache.on_commit(attr)
         for info in chunks:
             if self.pending.get(info.index) is info:
@@ -452,6 +493,8 @@ class DataCache:
         self.budget = DirtyBudget(dirty_bytes)
         self.chunks = ChunkCache(client, nursery, cache_bytes)
         self.files: dict[int, FileState] = {}
+        # Per closed inode, the chunks stored here without sync (see `drop`).
+        self.unsynced_after_close: dict[int, dict[int, ChunkInfo]] = {}
         self.uploading_bytes = 0
         # Told the tracker's attributes after each commit (the mount's attribute cache).
         self.on_commit: Callable[[Attr], object] = lambda attr: None
@@ -462,6 +505,9 @@ class DataCache:
         state = self.files.get(attr.ino)
         if state is None:
             state = self.files[attr.ino] = FileState(self, attr)
+            left = self.unsynced_after_close.pop(attr.ino, None)
+            if left is not None:
+                state.unsynced, state.sync_known = left, True
         return state
 
     def local_attrs(self, ino: int) -> tuple[int, int] | None:
@@ -475,6 +521,12 @@ class DataCache:
         state = self.files.pop(ino, None)
         if state is None:
             return None
+        if state.sync_known:
+            # What a later fsync of the file must have synced (the keepers' write-back does it
+            # within seconds anyway); bounded, oldest forgotten first.
+            self.unsynced_after_close[ino] = state.unsynced
+            while len(self.unsynced_after_close) > UNSYNCED_MEMORY:
+                del self.unsynced_after_close[next(iter(self.unsynced_after_close))]
         for buf in list(state.dirty.values()):
             self.unregister(state, buf)
             self.budget.release(buf.accounted)

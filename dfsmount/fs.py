@@ -82,10 +82,19 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(
-        self, client: Client, nursery: trio.Nursery, *, dirty_bytes: int, cache_bytes: int
+        self,
+        client: Client,
+        nursery: trio.Nursery,
+        *,
+        dirty_bytes: int,
+        cache_bytes: int,
+        sync_on_close: bool = False,
     ) -> None:
         super().__init__()
         self.client = client
+        # close() at fsync's level (DESIGN.md, guarantee 1): on every copy's disk, not only in
+        # every copy's file.
+        self.sync_on_close = sync_on_close
         self.inodes = InodeTable()
         self.attrs = AttrCache()
         self.dirs = DirCache()
@@ -340,6 +349,7 @@ class Operations(pyfuse3.Operations):
                     if created_chunk_size and state.remote is None:
                         state.chunk_size = created_chunk_size
                         state.remote = {}
+                        state.sync_known = True  # new: nothing of it is unsynced yet
                 else:
                     state = self.data.open_state(fresh)
                     keep = not state.adopt(fresh)
@@ -416,12 +426,12 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         log.debug("flush %d", fh)
-        await self.handles.files[fh].state.flush()
+        await self.handles.files[fh].state.flush(sync=self.sync_on_close)
 
     @fuse_op
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         log.debug("fsync %d", fh)
-        if not await self.handles.files[fh].state.flush():
+        if not await self.handles.files[fh].state.flush(sync=True):
             await self.client.sync()  # nothing to commit: the file's creation may still be new
 
     @fuse_op
@@ -448,7 +458,7 @@ class Operations(pyfuse3.Operations):
         async with self.handles.inode_lock(ino):
             try:
                 # mmap write-back may have sent writes after the last flush (close).
-                await handle.state.flush()
+                await handle.state.flush(sync=self.sync_on_close)
             except DfsError as exc:
                 if handle.state.error_reported:
                     log.debug("inode %d: released after a reported error: %s", ino, exc)

@@ -8,11 +8,19 @@ byte, so no directory grows past 1/256 of the chunks. A file is a header and the
 with the data starting at the next 4 KiB boundary. Checksums live beside the data they cover,
 so a chunk file is self-describing and the scrubber needs nothing else.
 
-Writes are atomic: a temporary file in the same directory, fsync, rename, fsync of the
-directory. A crash leaves either the old state or the whole new chunk, never a torn one;
-leftover temporaries are removed at start. Ids come from the wire as integers and are
-range-checked; no path is ever built from anything else, so no request can reach outside the
-data directory. Blocking disk work runs in worker threads.
+Writes are atomic: a temporary file in the same directory, renamed into place, so a crash of
+any process leaves either no chunk file or the whole new one. Durability has two levels, as on
+a local filesystem (DESIGN.md, guarantee 1): a write with `sync` fsyncs the file before the
+rename and the directory after it (safe from a power cut when it returns); one without leaves
+that to the write-back, which fsyncs every unsynced chunk file within WRITEBACK_S, or to
+`sync`, which a client's fsync asks for. A power cut before either may leave a chunk file
+empty or torn: its header or checksums then fail, it is never served, and the tracker copies
+it again from another keeper. An old version is deleted only after the write-back (so after
+the newer version is on the disk). Leftover temporaries are removed at start.
+
+Ids come from the wire as integers and are range-checked; no path is ever built from anything
+else, so no request can reach outside the data directory. Blocking disk work runs in worker
+threads.
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ PAGE = 4096
 MAX_CHUNK_ID = (1 << 63) - 1
 MAX_VERSION = (1 << 32) - 1
 MAX_CHUNK_BYTES = 64 << 20
+# Unsynced chunk files are fsynced at most this long after they were written (ext4's commit
+# interval is 5 s).
+WRITEBACK_S = 2.0
 FILE_RE = re.compile(r"^chunk_([0-9a-f]{16})_([0-9a-f]{8})\.dfs$")
 
 
@@ -79,7 +90,11 @@ class ChunkStore:
         self.configured_capacity = capacity_bytes
         self.used_bytes = 0
         self.chunks: dict[tuple[int, int], int] = {}  # (id, version) -> file size
+        # Chunk versions written without fsync, not yet on the disk (write-back, `sync`).
+        self.unsynced: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
+        self._sync_lock = trio.Lock()
+        self.syncs = 0  # chunk files fsynced after their write (write-back and `sync`)
 
     # --- paths ----------------------------------------------------------------------------
 
@@ -120,7 +135,13 @@ class ChunkStore:
     # --- write ----------------------------------------------------------------------------
 
     async def write(
-        self, chunk_id: int, version: int, data: bytearray | bytes, checksums: bytes
+        self,
+        chunk_id: int,
+        version: int,
+        data: bytearray | bytes,
+        checksums: bytes,
+        *,
+        sync: bool = True,
     ) -> None:
         check_ids(chunk_id, version)
         if len(data) > MAX_CHUNK_BYTES:
@@ -130,10 +151,10 @@ class ChunkStore:
         size = data_offset(len(data)) + len(data)
         if self.configured_capacity and self.used_bytes + size > self.configured_capacity:
             raise NoSpace("keeper capacity reached")
-        await trio.to_thread.run_sync(self._write_sync, chunk_id, version, data, checksums)
+        await trio.to_thread.run_sync(self._write_sync, chunk_id, version, data, checksums, sync)
 
     def _write_sync(
-        self, chunk_id: int, version: int, data: bytearray | bytes, checksums: bytes
+        self, chunk_id: int, version: int, data: bytearray | bytes, checksums: bytes, sync: bool
     ) -> None:
         bad = checksum.verify_blocks(data, checksums)
         if bad is not None:
@@ -150,7 +171,8 @@ class ChunkStore:
             written = 0
             while written < len(view):
                 written += os.pwrite(fd, view[written:], offset + written)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except OSError as exc:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -159,16 +181,63 @@ class ChunkStore:
             raise
         os.close(fd)
         os.rename(tmp, final)
-        dir_fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        if sync:
+            _fsync_path(final.parent)
         size = offset + len(data)
         with self._lock:
             old = self.chunks.get((chunk_id, version))
             self.chunks[(chunk_id, version)] = size
             self.used_bytes += size - (old or 0)
+            if sync:
+                self.unsynced.discard((chunk_id, version))
+            else:
+                self.unsynced.add((chunk_id, version))
+
+    # --- durability -----------------------------------------------------------------------
+
+    async def sync(self, chunks: list[tuple[int, int]] | None = None) -> None:
+        """fsync the given unsynced chunk versions (None: every one), then their directories.
+        A version named that this keeper does not hold raises NotFound."""
+        async with self._sync_lock:
+            with self._lock:
+                if chunks is None:
+                    todo = sorted(self.unsynced)
+                else:
+                    for chunk_id, version in chunks:
+                        check_ids(chunk_id, version)
+                        if (chunk_id, version) not in self.chunks:
+                            raise NotFound(f"chunk {chunk_id:x} v{version} is not here")
+                    todo = sorted(set(chunks) & self.unsynced)
+            if todo:
+                await trio.to_thread.run_sync(self._sync_files, todo, abandon_on_cancel=False)
+
+    def _sync_files(self, todo: list[tuple[int, int]]) -> None:
+        dirs = set()
+        for chunk_id, version in todo:
+            path = self.path(chunk_id, version)
+            try:
+                _fsync_path(path)
+            except FileNotFoundError:
+                pass  # deleted meanwhile: nothing left to sync
+            dirs.add(path.parent)
+        for directory in dirs:
+            _fsync_path(directory)
+        with self._lock:
+            self.unsynced.difference_update(todo)
+            self.syncs += len(todo)
+
+    async def write_back(self) -> None:
+        """Put every unsynced chunk file on the disk at most WRITEBACK_S after its write."""
+        # A keeper that crashed may have left chunk files in the page cache only: one sync of
+        # everything at start covers them without reading the inventory.
+        await trio.to_thread.run_sync(os.sync)
+        while True:
+            await trio.sleep(WRITEBACK_S)
+            if self.unsynced:
+                try:
+                    await self.sync()
+                except OSError:
+                    log.exception("write-back of unsynced chunks failed")
 
     # --- read -----------------------------------------------------------------------------
 
@@ -222,7 +291,10 @@ class ChunkStore:
     def _span(fd: int, chunk_id: int, version: int, offset: int, length: int) -> ChunkSpan:
         """Where the whole blocks covering [offset, offset+length) lie in the open chunk file
         (length 0: to the end), with the checksums from its header."""
-        magic, total, blocks = HEAD.unpack(os.pread(fd, HEAD.size, 0))
+        head = os.pread(fd, HEAD.size, 0)
+        if len(head) < HEAD.size:  # a power cut before the write-back can leave it empty
+            raise ChecksumMismatch(f"chunk {chunk_id:x} v{version}: file is truncated")
+        magic, total, blocks = HEAD.unpack(head)
         if magic != MAGIC or blocks != checksum.block_count(total):
             raise ChecksumMismatch(f"chunk {chunk_id:x} v{version}: bad header")
         sums = os.pread(fd, blocks * checksum.CHECKSUM_SIZE, HEAD.size)
@@ -252,6 +324,10 @@ class ChunkStore:
     # --- delete ---------------------------------------------------------------------------
 
     async def delete(self, chunk_id: int, version: int) -> bool:
+        # The tracker deletes an old version once a newer one is committed; if that newer one
+        # is not on the disk yet, a power cut would leave neither: write back first.
+        if self.unsynced:
+            await self.sync()
         return await trio.to_thread.run_sync(self._delete_sync, chunk_id, version)
 
     def _delete_sync(self, chunk_id: int, version: int) -> bool:
@@ -261,6 +337,15 @@ class ChunkStore:
             pass
         with self._lock:
             size = self.chunks.pop((chunk_id, version), None)
+            self.unsynced.discard((chunk_id, version))
             if size is not None:
                 self.used_bytes -= size
         return size is not None
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -85,6 +85,7 @@ async def _run(settings: dict[str, Any], credentials: Credentials) -> None:
             nursery.start_soon(heartbeat.run, name="heartbeat")
             nursery.start_soon(replicator.run, name="replicator")
             nursery.start_soon(scrubber.run, name="scrubber")
+            nursery.start_soon(store.write_back, name="write-back")
             if settings["metrics"]:
                 _register_gauges(store, scrubber)
                 metrics.start(settings["metrics"])
@@ -101,12 +102,19 @@ async def _run(settings: dict[str, Any], credentials: Credentials) -> None:
                 server.shutdown()
                 with trio.move_on_after(SHUTDOWN_GRACE_S):
                     await server.finished.wait()
+                with trio.move_on_after(SHUTDOWN_GRACE_S):
+                    await store.sync()  # a clean stop leaves every chunk on the disk
                 nursery.cancel_scope.cancel()
                 break
 
 
 def _register_gauges(store: ChunkStore, scrubber: Scrubber) -> None:
     metrics.gauge("dfs_keeper_chunks", "Chunk versions held", lambda: len(store.chunks))
+    metrics.gauge(
+        "dfs_keeper_unsynced_chunks",
+        "Chunk versions written and not yet fsynced",
+        lambda: len(store.unsynced),
+    )
     metrics.gauge("dfs_keeper_used_bytes", "Bytes used by chunk files", lambda: store.used_bytes)
     metrics.gauge(
         "dfs_keeper_capacity_bytes", "Bytes this keeper may use", lambda: store.capacity_bytes

@@ -43,6 +43,9 @@ class KeeperServer:
             return reply, b""
         if isinstance(msg, m.ReadChunk):
             return await self.read_chunk(msg)
+        if isinstance(msg, m.SyncChunks):
+            await self.store.sync(_pairs(msg.chunks))
+            return m.OkReply(), b""
         raise InvalidArgument(f"a keeper does not serve {type(msg).__name__}")
 
     async def put_chunk(self, msg: m.PutChunk, data: bytearray) -> m.PutChunkReply:
@@ -59,6 +62,7 @@ class KeeperServer:
                             version=msg.version,
                             checksums=msg.checksums,
                             forward=msg.forward[1:],
+                            sync=msg.sync,
                         ),
                         m.PutChunkReply,
                         data,
@@ -79,7 +83,9 @@ class KeeperServer:
             if msg.forward:
                 nursery.start_soon(forward)
             try:
-                await self.store.write(msg.chunk_id, msg.version, data, msg.checksums)
+                await self.store.write(
+                    msg.chunk_id, msg.version, data, msg.checksums, sync=msg.sync
+                )
             except DfsError as exc:
                 local_error = exc  # raised outside the nursery, as itself, not in a group
         if local_error is not None:
@@ -106,3 +112,14 @@ class KeeperServer:
                 self.removed.append([chunk_id, version])
         except (OSError, DfsError) as exc:
             log.warning("deleting chunk %d v%d failed: %s", chunk_id, version, exc)
+
+
+def _pairs(chunks: list[list[int]]) -> list[tuple[int, int]]:
+    """[[chunk_id, version], ...] from the wire, each checked."""
+    pairs = []
+    for pair in chunks:
+        if len(pair) != 2 or not all(isinstance(x, int) for x in pair):
+            raise InvalidArgument("chunks must be [chunk_id, version] pairs")
+        check_ids(pair[0], pair[1])
+        pairs.append((pair[0], pair[1]))
+    return pairs

@@ -376,7 +376,8 @@ class Tracker:
             inode = self.namespace.inode(msg.ino)  # read back: the stored bytes changed
         for old in replaced:
             self.registry.queue_delete(old.chunk_id, old.version)
-        await self.durable.sync()  # the data is acknowledged when this returns
+        if msg.sync:  # fsync, `dfs put`: on the disk; close: committed (in the WAL) is enough
+            await self.durable.sync()
         return m.AttrReply(attr=inode.as_list())
 
     async def punch_chunks(self, msg: m.PunchChunks, peer: str) -> m.Message:
