@@ -305,6 +305,13 @@ class FileState:
             self.sync_known = True
             self.unsynced.clear()
             return
+        await self.ensure_map()
+        for index, info in list(self.unsynced.items()):
+            latest = self.latest(index)
+            if latest is None or (latest.chunk_id, latest.version) != (info.chunk_id, info.version):
+                # Replaced by a newer version or truncated away: the keepers may have deleted
+                # it already, and the file no longer depends on it.
+                del self.unsynced[index]
         infos = list(self.unsynced.values())
         if infos:
             await self.cache.client.sync_chunks(infos)
