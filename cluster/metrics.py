@@ -8,7 +8,8 @@ chunk health) read their value from the owning object when scraped, so they are 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -36,6 +37,16 @@ def gauge(name: str, documentation: str, read: Callable[[], float]) -> Gauge:
     """A gauge whose value is read from `read` at scrape time."""
     metric = Gauge(name, documentation)
     metric.set_function(read)
+    return metric
+
+
+def labelled_gauge(
+    name: str, documentation: str, label: str, values: Sequence[str], read: Callable[[str], float]
+) -> Gauge:
+    """A gauge with one child per value of `label`, read as `read(value)` at scrape time."""
+    metric = Gauge(name, documentation, [label])
+    for value in values:
+        metric.labels(value).set_function(partial(read, value))
     return metric
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import select
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,11 +210,17 @@ class FrameStream:
             return
         await trio.to_thread.run_sync(_sendfile, self._sock.fileno(), region, limiter=_file_sends())
 
-    async def receive(self) -> tuple[dict[str, Any], bytearray]:
-        """Read one frame. Raises ProtocolError on bad framing, EOFError on a clean close."""
+    async def receive(
+        self, started: Callable[[], object] | None = None
+    ) -> tuple[dict[str, Any], bytearray]:
+        """Read one frame. Raises ProtocolError on bad framing, EOFError on a clean close.
+        `started` is called once the frame's prefix is in: from then on the peer is not idle
+        but sending (a server that stops lets such a request arrive and answers it)."""
         prefix = await self._take(PREFIX.size, eof_ok=True)
         if prefix is None:
             raise EOFError
+        if started is not None:
+            started()
         header_len, payload_len = PREFIX.unpack(prefix)
         if header_len == 0 or header_len > self.limits.max_header:
             raise ProtocolError(f"header length {header_len} out of bounds")

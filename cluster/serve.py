@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
@@ -72,6 +74,25 @@ class Server:
         self.slots = trio.CapacityLimiter(options.max_connections)
         # Scopes of connections waiting for their next request: shutdown cancels these only.
         self.idle_scopes: set[trio.CancelScope] = set()
+        # Requests being answered, by message type (from decoding to the reply sent, payload
+        # included), and the most there have been at once: a keeper's transfers in flight.
+        self.in_flight: dict[str, int] = {}
+        self.peak_in_flight: dict[str, int] = {}
+
+    @contextmanager
+    def answering(self, name: str) -> Iterator[None]:
+        """Count one request of type `name` in flight while the block runs."""
+        now = self.in_flight[name] = self.in_flight.get(name, 0) + 1
+        self.peak_in_flight[name] = max(now, self.peak_in_flight.get(name, 0))
+        try:
+            yield
+        finally:
+            self.in_flight[name] -= 1
+
+    def in_flight_summary(self) -> str:
+        """The requests being answered now, as "2 PutChunk, 1 ReadChunk" ("none")."""
+        busy = [f"{n} {name}" for name, n in sorted(self.in_flight.items()) if n]
+        return ", ".join(busy) or "none"
 
     def shutdown(self) -> None:
         self.stopping.set()
@@ -174,7 +195,10 @@ async def _serve_connection(server: Server, stream: trio.abc.Stream, peer: str) 
                 server.idle_scopes.add(idle)
                 idle.deadline = trio.current_time() + options.idle_timeout_s
                 try:
-                    header, payload = await frames.receive()
+                    # A frame that has begun to arrive is a request in flight, not idleness.
+                    header, payload = await frames.receive(
+                        started=partial(server.idle_scopes.discard, idle)
+                    )
                 finally:
                     server.idle_scopes.discard(idle)
             if idle.cancelled_caught:
@@ -184,29 +208,30 @@ async def _serve_connection(server: Server, stream: trio.abc.Stream, peer: str) 
             name = type(request).__name__
             started = time.perf_counter()
             out_payload: Payload = b""
-            if isinstance(request, m.Ping):
-                answer: m.Message = m.Pong()
-            else:
+            with server.answering(name):
+                if isinstance(request, m.Ping):
+                    answer: m.Message = m.Pong()
+                else:
+                    try:
+                        answer, out_payload = await server.handler.handle(request, payload, peer)
+                    except DfsError as exc:
+                        answer = m.ErrorReply(code=exc.code, message=exc.message)
+                        metrics.REQUEST_ERRORS.labels(role, name).inc()
+                    except Exception as exc:
+                        # A bug, not the peer's fault: answer this request with EIO and go on.
+                        log.exception("%s from %s failed", name, peer)
+                        answer = m.ErrorReply(code=DfsError.code, message=f"internal error: {exc}")
+                        metrics.REQUEST_ERRORS.labels(role, name).inc()
                 try:
-                    answer, out_payload = await server.handler.handle(request, payload, peer)
-                except DfsError as exc:
-                    answer = m.ErrorReply(code=exc.code, message=exc.message)
-                    metrics.REQUEST_ERRORS.labels(role, name).inc()
-                except Exception as exc:
-                    # A bug, not the peer's fault: answer this request with EIO and go on.
-                    log.exception("%s from %s failed", name, peer)
-                    answer = m.ErrorReply(code=DfsError.code, message=f"internal error: {exc}")
-                    metrics.REQUEST_ERRORS.labels(role, name).inc()
-            try:
-                try:
-                    await frames.send(answer.to_wire(request_id), out_payload)
-                except Unencodable as exc:  # nothing was sent: this request fails, not the link
-                    log.error("%s from %s: the reply would not encode: %s", name, peer, exc)
-                    failed = m.ErrorReply(code=DfsError.code, message="reply not encodable")
-                    await frames.send(failed.to_wire(request_id))
-            finally:
-                if isinstance(out_payload, FileRegion):
-                    out_payload.close()
+                    try:
+                        await frames.send(answer.to_wire(request_id), out_payload)
+                    except Unencodable as exc:  # nothing was sent: this request fails, not the link
+                        log.error("%s from %s: the reply would not encode: %s", name, peer, exc)
+                        failed = m.ErrorReply(code=DfsError.code, message="reply not encodable")
+                        await frames.send(failed.to_wire(request_id))
+                finally:
+                    if isinstance(out_payload, FileRegion):
+                        out_payload.close()
             metrics.REQUEST_SECONDS.labels(role, name).observe(time.perf_counter() - started)
             metrics.BYTES_RECEIVED.labels(role).inc(len(payload))
             metrics.BYTES_SENT.labels(role).inc(len(out_payload))

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cluster import auth
+from cluster.client import Client
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 20.0
@@ -88,6 +92,11 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        """The exit status, once the process has exited (after a signal of its own)."""
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
 
     @property
     def running(self) -> bool:
@@ -158,7 +167,10 @@ class ProcCluster:
         self.tracker.start(self.env)
         return self.tracker
 
-    def add_keeper(self, capacity: int | None = None, zone: str = "") -> Daemon:
+    def add_keeper(
+        self, capacity: int | None = None, zone: str = "", args: Sequence[str] = ()
+    ) -> Daemon:
+        """Start one more keeper; `args` are flags for this one only (e.g. `--metrics`)."""
         n = len(self.keepers)
         data = self.root / f"keeper{n}"
         argv = [
@@ -169,6 +181,7 @@ class ProcCluster:
             "--heartbeat-s", str(self.heartbeat_s),
             "--log-level", "INFO",
             *self.keeper_args,
+            *args,
         ]  # fmt: skip
         if capacity is not None:
             argv += ["--capacity", str(capacity)]
@@ -202,6 +215,23 @@ class ProcCluster:
             )
         return result
 
+    def dfs_background(self, *args: str) -> subprocess.Popen[str]:
+        """Start `dfs ARGS` and return at once (the caller waits for it or kills it)."""
+        return subprocess.Popen(
+            [str(BIN / "dfs"), "--tracker", self.tracker_addr, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
+        )
+
+    @asynccontextmanager
+    async def client(self, **options: Any) -> AsyncIterator[Client]:
+        """The client library, connected to this cluster (inside `trio.run`)."""
+        credentials = auth.Credentials.from_settings({"secret_file": str(self.secret_file)})
+        async with Client.connect(self.tracker_addr, credentials, **options) as client:
+            yield client
+
     def status(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.dfs("status", "--json").stdout)
         return data
@@ -209,6 +239,13 @@ class ProcCluster:
     def stat(self, path: str) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.dfs("stat", "--json", path).stdout)
         return data
+
+    def keeper_state(self, keeper: Daemon) -> str:
+        """What `dfs status` says of `keeper`: alive, leaving, draining or dead."""
+        for entry in self.status()["keepers"]:
+            if entry["addr"] == keeper.addr:
+                return str(entry["state"])
+        raise AssertionError(f"{keeper.name} at {keeper.addr} is not in dfs status")
 
     def wait_alive(self, count: int, timeout: float = 20) -> None:
         """Until exactly `count` keepers are registered and alive."""
@@ -260,3 +297,17 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
 
 def chunk_files(data_dir: Path) -> list[Path]:
     return sorted((data_dir / "chunks").glob("*/chunk_*.dfs"))
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The Prometheus metrics served on 127.0.0.1:`port`, by series name with labels."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        match = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (\S+)", line)
+        assert match, f"not Prometheus text format: {line!r}"
+        values[match[1]] = float(match[2])
+    return values

@@ -87,13 +87,15 @@ async def _run(settings: dict[str, Any], credentials: Credentials) -> None:
             nursery.start_soon(scrubber.run, name="scrubber")
             nursery.start_soon(store.write_back, name="write-back")
             if settings["metrics"]:
-                _register_gauges(store, scrubber)
+                _register_gauges(store, scrubber, server)
                 metrics.start(settings["metrics"])
             print(f"dfs-keeper: serving on {keeper.addr}", file=sys.stderr, flush=True)
             notify("READY=1")
             async for signum in signals:
                 log.info(
-                    "%s: finishing transfers in flight, then stopping", signal.Signals(signum).name
+                    "%s: finishing transfers in flight (%s), then stopping",
+                    signal.Signals(signum).name,
+                    server.in_flight_summary(),
                 )
                 notify("STOPPING=1")
                 # Goodbye first, so that no new chunk is placed here while we drain.
@@ -108,7 +110,7 @@ async def _run(settings: dict[str, Any], credentials: Credentials) -> None:
                 break
 
 
-def _register_gauges(store: ChunkStore, scrubber: Scrubber) -> None:
+def _register_gauges(store: ChunkStore, scrubber: Scrubber, server: Server) -> None:
     metrics.gauge("dfs_keeper_chunks", "Chunk versions held", lambda: len(store.chunks))
     metrics.gauge(
         "dfs_keeper_unsynced_chunks",
@@ -129,6 +131,22 @@ def _register_gauges(store: ChunkStore, scrubber: Scrubber) -> None:
     )
     metrics.gauge(
         "dfs_keeper_corrupt_chunks", "Corrupt copies found by the scrubber", lambda: scrubber.bad
+    )
+    # Chunk requests from decoding to the reply sent (a read's bytes included), by type.
+    transfers = ("PutChunk", "ReadChunk", "SyncChunks")
+    metrics.labelled_gauge(
+        "dfs_keeper_transfers_in_flight",
+        "Chunk requests being answered",
+        "type",
+        transfers,
+        lambda t: server.in_flight.get(t, 0),
+    )
+    metrics.labelled_gauge(
+        "dfs_keeper_transfers_in_flight_peak",
+        "The most chunk requests answered at once since the keeper started",
+        "type",
+        transfers,
+        lambda t: server.peak_in_flight.get(t, 0),
     )
 
 

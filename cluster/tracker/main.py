@@ -73,7 +73,9 @@ async def _run(settings: dict[str, Any], credentials: Credentials) -> None:
             notify("READY=1")
             async for signum in signals:
                 log.info(
-                    "%s: finishing requests in flight, then stopping", signal.Signals(signum).name
+                    "%s: finishing requests in flight (%s), then stopping",
+                    signal.Signals(signum).name,
+                    tracker.server.in_flight_summary(),
                 )
                 notify("STOPPING=1")
                 tracker.shutdown()

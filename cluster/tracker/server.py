@@ -19,7 +19,14 @@ import trio
 
 from cluster import messages as m
 from cluster.auth import Credentials
-from cluster.errors import InvalidArgument, NoSpace, NotFound, StaleChunk, Unavailable
+from cluster.errors import (
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    StaleChunk,
+    Unavailable,
+    printable,
+)
 from cluster.protocol import Payload
 from cluster.serve import ServeOptions, Server
 from cluster.tracker import placement
@@ -500,7 +507,7 @@ class Tracker:
                     degraded += 1
                 problems.append(
                     {
-                        "path": path.decode(errors="surrogateescape"),
+                        "path": printable(path.decode(errors="surrogateescape")),
                         "index": row.idx,
                         "chunk_id": row.chunk_id,
                         "copies": copies,

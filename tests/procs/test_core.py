@@ -4,6 +4,7 @@ restart, corruption, parallel puts and hostile input."""
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import os
 import socket
 import stat
@@ -13,11 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgpack
+import trio
 
 from cluster import messages as m
-from tests.cluster_procs import BIN, ProcCluster, chunk_files
+from tests.cluster_procs import BIN, ProcCluster, chunk_files, free_port, scrape, wait_until
 from tests.conftest import MakeCluster, random_file
 
+KiB = 1 << 10
 MiB = 1 << 20
 
 
@@ -79,7 +82,9 @@ def test_tracker_sigkill_and_restart_keeps_acknowledged_files(
         assert filecmp.cmp(local, out, shallow=False), remote
 
 
-def test_corrupt_copy_is_skipped_and_reported(cluster: ProcCluster, tmp_path: Path) -> None:
+def test_corrupt_copy_is_skipped_and_reported(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    # No scrubber: it would find the corrupt copy and drop it before the read does.
+    cluster = make_cluster(keeper_args=["--scrub-rate-mb-s", "0"])
     data = random_file(tmp_path / "data", 3 * MiB)
     cluster.dfs("put", str(data), "/data")
     [victim] = chunk_files(cluster.keepers[0].data_dir)
@@ -220,3 +225,137 @@ def test_get_into_a_stream_writes_into_it(make_cluster: MakeCluster, tmp_path: P
     after = os.stat("/dev/null")
     assert stat.S_ISCHR(after.st_mode)
     assert (after.st_ino, after.st_rdev) == (before.st_ino, before.st_rdev)
+
+
+def test_put_and_get_keep_several_transfers_in_flight(
+    make_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    """The client moves chunks in parallel: the keeper sees more than one transfer at once.
+
+    One keeper with replication 1, so every transfer of the client reaches it. With
+    `--transfers 1` first: the gauge counts exactly the client's transfers, one at a time."""
+    port = free_port()
+    cluster = make_cluster(keepers=0, replication=1, chunk_size=256 * KiB)
+    cluster.add_keeper(args=["--metrics", f"127.0.0.1:{port}"])
+    cluster.wait_alive(1)
+    data = random_file(tmp_path / "data", 32 * 256 * KiB + 123)  # 33 chunks
+
+    def peaks() -> dict[str, float]:
+        metrics = scrape(port)
+        return {
+            kind: metrics[f'dfs_keeper_transfers_in_flight_peak{{type="{kind}"}}']
+            for kind in ("PutChunk", "ReadChunk")
+        }
+
+    cluster.dfs("--transfers", "1", "put", str(data), "/serial")
+    cluster.dfs("--transfers", "1", "get", "/serial", str(tmp_path / "serial"))
+    assert filecmp.cmp(data, tmp_path / "serial", shallow=False)
+    assert peaks() == {"PutChunk": 1, "ReadChunk": 1}
+
+    cluster.dfs("put", str(data), "/parallel")
+    assert peaks()["PutChunk"] >= 2, "dfs put moved one chunk at a time"
+    cluster.dfs("get", "/parallel", str(tmp_path / "parallel"))
+    assert peaks()["ReadChunk"] >= 2, "dfs get moved one chunk at a time"
+    assert filecmp.cmp(data, tmp_path / "parallel", shallow=False)
+    assert len(cluster.stat("/parallel")["chunks"]) == 33
+    print(f"transfers in flight at most: {peaks()}")
+
+
+def tree(cluster: ProcCluster, tmp: Path) -> dict[str, tuple[int, str]]:
+    """Every path in the cluster: (inode, "dir" or the sha256 of the file's bytes), read
+    through the client library."""
+
+    async def walk() -> dict[str, tuple[int, str]]:
+        found: dict[str, tuple[int, str]] = {}
+        async with cluster.client() as client:
+
+            async def visit(path: str) -> None:
+                for entry in await client.list_dir(path or "/"):
+                    child = f"{path}/{entry.name.decode()}"
+                    if entry.attr.is_dir:
+                        found[child] = (entry.attr.ino, "dir")
+                        await visit(child)
+                    else:
+                        await client.download(child, tmp / "tree-file")
+                        digest = hashlib.sha256((tmp / "tree-file").read_bytes()).hexdigest()
+                        found[child] = (entry.attr.ino, digest)
+
+            await visit("")
+        return found
+
+    return trio.run(walk)
+
+
+def test_mv_renames_and_moves_files_and_directories(
+    make_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    cluster = make_cluster(keepers=2, replication=2, chunk_size=1 * MiB)
+    a = random_file(tmp_path / "a", 2 * MiB + 5)
+    b = random_file(tmp_path / "b", 1 * MiB + 7)
+    cluster.dfs("mkdir", "/d1/sub")
+    cluster.dfs("mkdir", "/d2")
+    cluster.dfs("put", str(a), "/a")
+    cluster.dfs("put", str(b), "/d1/sub/b")
+    start = tree(cluster, tmp_path)
+    file_a, file_b, d1, sub, d2 = (start[p] for p in ("/a", "/d1/sub/b", "/d1", "/d1/sub", "/d2"))
+    assert file_a[1] == hashlib.sha256(a.read_bytes()).hexdigest()
+
+    def moved(src: str, dst: str, expected: dict[str, tuple[int, str]]) -> None:
+        cluster.dfs("mv", src, dst)
+        assert tree(cluster, tmp_path) == expected, f"dfs mv {src} {dst}"
+
+    # A file: renamed in its directory, moved across directories under a new name, then
+    # into a directory keeping its name. Same inode, same bytes, nothing else touched.
+    moved("/a", "/a2", {"/a2": file_a, "/d1": d1, "/d1/sub": sub, "/d1/sub/b": file_b, "/d2": d2})
+    moved(
+        "/a2", "/d2/x", {"/d2/x": file_a, "/d1": d1, "/d1/sub": sub, "/d1/sub/b": file_b, "/d2": d2}
+    )
+    moved(
+        "/d2/x", "/d1", {"/d1/x": file_a, "/d1": d1, "/d1/sub": sub, "/d1/sub/b": file_b, "/d2": d2}
+    )
+    # A directory, with what is in it: renamed, then moved into another directory.
+    moved(
+        "/d1", "/d3", {"/d3/x": file_a, "/d3": d1, "/d3/sub": sub, "/d3/sub/b": file_b, "/d2": d2}
+    )
+    moved(
+        "/d3",
+        "/d2/",
+        {"/d2/d3/x": file_a, "/d2/d3": d1, "/d2/d3/sub": sub, "/d2/d3/sub/b": file_b, "/d2": d2},
+    )
+    assert cluster.stat("/d2")["nlink"] == 3  # its name, its ".", and d3's ".."
+    assert cluster.stat("/")["nlink"] == 3
+
+    # Onto an existing file: that file is replaced, and its chunks are freed.
+    replaced = {c["id"] for c in cluster.stat("/d2/d3/sub/b")["chunks"]}
+    moved(
+        "/d2/d3/x",
+        "/d2/d3/sub/b",
+        {"/d2/d3/sub/b": file_a, "/d2/d3": d1, "/d2/d3/sub": sub, "/d2": d2},
+    )
+
+    def freed() -> bool:
+        held = {
+            int(p.name.split("_")[1], 16) for k in cluster.keepers for p in chunk_files(k.data_dir)
+        }
+        return not held & replaced
+
+    wait_until(freed, 30, "the replaced file's chunks to be deleted")
+
+    # Errors: one line each, exit 1, nothing changed.
+    cluster.dfs("mkdir", "/d2/d3/sub/dir/b")
+    before = tree(cluster, tmp_path)
+    failures = {
+        ("/missing", "/y"): "no such source",
+        ("/d2/d3/sub/b", "/nowhere/y"): "no such target directory",
+        ("/d2", "/d2/d3/sub/inside"): "a directory into itself",
+        ("/d2/d3/sub", "/d2/d3/sub/b"): "a directory onto a file",
+        ("/d2/d3/sub/b", "/d2/d3/sub/dir"): "a file onto a directory (dir/b)",
+        ("/", "/d2/root"): "the root",
+    }
+    for (src, dst), what in failures.items():
+        result = cluster.dfs("mv", src, dst, check=False)
+        assert result.returncode == 1, (what, result.stdout, result.stderr)
+        assert result.stderr.count("\n") == 1, (what, result.stderr)
+        assert result.stderr.startswith("dfs mv: "), (what, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert tree(cluster, tmp_path) == before

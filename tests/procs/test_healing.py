@@ -8,6 +8,10 @@ import os
 import time
 from pathlib import Path
 
+import trio
+
+from cluster.client import ChunkInfo
+from cluster.errors import printable
 from tests.cluster_procs import ProcCluster, chunk_files, wait_until
 from tests.conftest import MakeCluster, random_file
 
@@ -93,6 +97,17 @@ def test_scrubber_replaces_corrupt_copies(make_cluster: MakeCluster, tmp_path: P
         lambda: victim.logs().count("is corrupt; dropping this copy") >= 5, 60, "the scrubber"
     )
     assert victim.logs().count("is corrupt; dropping this copy") == 5
+    # The tracker must learn of the drops and copy the chunks again: "healthy" alone could be
+    # the state from before it heard of them.
+    chunks = len(holders_per_chunk(cluster, files))
+    wait_until(
+        lambda: cluster.status()["health"]["copies_done"] >= 5, REPAIR_TIMEOUT_S, "5 new copies"
+    )
+    wait_until(
+        lambda: sum(len(chunk_files(k.data_dir)) for k in cluster.keepers) == 3 * chunks,
+        REPAIR_TIMEOUT_S,
+        "3 copies of every chunk on the keepers' disks",
+    )
     wait_until(cluster.healthy, REPAIR_TIMEOUT_S, "replacement copies")
     assert_identical(cluster, files, tmp_path)
     for holders in holders_per_chunk(cluster, files):
@@ -185,7 +200,10 @@ def test_decommission_drains_a_keeper(make_cluster: MakeCluster, tmp_path: Path)
     for holders in holders_per_chunk(cluster, files):
         assert len(set(holders) & others) >= 2
     victim.kill()
+    # Only once the tracker knows the keeper is gone does "healthy" say the drain was enough.
+    wait_until(lambda: cluster.keeper_state(victim) == "dead", 30, "the keeper to be dead")
     assert cluster.healthy()
+    assert cluster.status()["health"]["copies_in_flight"] == 0
     assert_identical(cluster, files, tmp_path)
 
 
@@ -233,3 +251,120 @@ def test_hung_keeper_does_not_stall_a_get(make_cluster: MakeCluster, tmp_path: P
         frozen.signal(18)  # SIGCONT
     wait_until(lambda: len(live_addrs(cluster)) == 3, 30, "the frozen keeper to rejoin")
     assert os.path.exists(frozen.data_dir)
+
+
+GC_GRACE_S = 8.0
+
+
+async def _store_without_commit(cluster: ProcCluster, remote: str, chunks: int) -> list[ChunkInfo]:
+    """A writer that stored chunk versions and died before its commit."""
+    async with cluster.client() as client:
+        attr = await client.create_file(remote)
+        return [
+            await client.write_chunk(attr.ino, index, os.urandom(CHUNK // 2))
+            for index in range(chunks)
+        ]
+
+
+def _files_of(cluster: ProcCluster, versions: set[tuple[int, int]]) -> set[Path]:
+    names = {f"chunk_{c:016x}_{v:08x}.dfs" for c, v in versions}
+    return {p for k in cluster.keepers for p in chunk_files(k.data_dir) if p.name in names}
+
+
+def test_uncommitted_versions_are_collected_after_the_grace(
+    make_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    cluster = fast_cluster(
+        make_cluster, keepers=3, replication=2, tracker_args=["--gc-grace-s", str(GC_GRACE_S)]
+    )
+    kept = put_files(cluster, tmp_path, 2)
+    kept_files = {p for k in cluster.keepers for p in chunk_files(k.data_dir)}
+    assert len(kept_files) == 2 * len(holders_per_chunk(cluster, kept))
+    started = time.monotonic()  # every allocation below is younger than this
+
+    # Uncommitted versions of two kinds: stored through the client library and never
+    # committed, and those of a `dfs put` SIGKILLed half-way through.
+    written = trio.run(_store_without_commit, cluster, "/orphan", 3)
+    assert all(len(info.keepers) == 2 for info in written)
+    assert len(_files_of(cluster, {(i.chunk_id, i.version) for i in written})) == 6
+    big = random_file(tmp_path / "big", 40 * CHUNK)
+    put = cluster.dfs_background("put", str(big), "/big")
+    try:
+        wait_until(
+            lambda: (
+                sum(len(chunk_files(k.data_dir)) for k in cluster.keepers)
+                >= len(kept_files) + 6 + 2 * 4
+            ),
+            60,
+            "the put to store a few chunks",
+        )
+    finally:
+        put.kill()
+        put.wait()
+    time.sleep(1)  # transfers the keepers had received finish
+    garbage = {p for k in cluster.keepers for p in chunk_files(k.data_dir)} - kept_files
+    assert _files_of(cluster, {(i.chunk_id, i.version) for i in written}) <= garbage
+    assert len(garbage) >= 6 + 2 * 4
+    assert cluster.stat("/big")["size"] == 0  # never committed
+    print(f"{len(garbage)} uncommitted chunk files")
+
+    # Not before the grace: every file stays while its allocation is younger than that.
+    while time.monotonic() < started + GC_GRACE_S - 1.5:
+        missing = {p for p in garbage if not p.exists()}
+        assert not missing, f"collected before gc_grace_s: {sorted(p.name for p in missing)}"
+        time.sleep(0.2)
+    # After it: gone from every keeper's disk; committed chunks stay.
+    wait_until(lambda: not any(p.exists() for p in garbage), GC_GRACE_S + 30, "garbage collection")
+    print(f"collected {time.monotonic() - started - GC_GRACE_S:.1f}s after the grace")
+    assert {p for k in cluster.keepers for p in chunk_files(k.data_dir)} == kept_files
+    assert cluster.tracker is not None
+    assert "chunk versions that were never committed" in cluster.tracker.logs()
+    assert cluster.healthy()
+    assert_identical(cluster, kept, tmp_path)
+
+
+def test_fsck_exits_2_when_a_chunk_has_no_live_copy(
+    make_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    cluster = fast_cluster(make_cluster, keepers=2, replication=1)
+    files = put_files(cluster, tmp_path, 6)
+    # A name that is not UTF-8, in chunks on both keepers: fsck must report it too.
+    odd = os.fsdecode(b"/caf\xe9")
+    files[odd] = random_file(tmp_path / "odd", 4 * CHUNK)
+    cluster.dfs("put", str(files[odd]), odd)
+    victim = cluster.keepers[0]
+    lost = {
+        remote
+        for remote in files
+        if any(victim.addr in c["keepers"] for c in cluster.stat(remote)["chunks"])
+    }
+    assert odd in lost, "placement put all of /caf\\xe9 on one keeper"
+    assert lost != set(files), "every file landed on the victim"
+    assert cluster.healthy()
+    victim.kill()
+    wait_until(lambda: cluster.keeper_state(victim) == "dead", 30, "the keeper to be dead")
+    code, report = cluster.fsck()
+    assert code == 2, report
+    assert report["lost"] >= len(lost)
+    # Names that are not UTF-8 are reported with \\x escapes, as in error messages.
+    assert {p["path"] for p in report["problems"] if p["state"] == "lost"} == {
+        printable(remote) for remote in lost
+    }
+    assert "/caf\\xe9" in {p["path"] for p in report["problems"]}
+    text = cluster.dfs("fsck", check=False)
+    assert text.returncode == 2
+    assert "DATA LOST" in text.stdout
+    # A path without lost chunks below it is healthy; a lost one says so too.
+    survivor = sorted(set(files) - lost)[0]
+    assert cluster.fsck(survivor)[0] == 0
+    assert cluster.fsck(sorted(lost)[0])[0] == 2
+    failed = cluster.dfs(
+        "--io-timeout-s", "2", "get", sorted(lost)[0], str(tmp_path / "x"), check=False
+    )
+    assert failed.returncode == 1
+    assert failed.stderr.count("\n") == 1
+    # The keeper comes back with its disk: nothing was lost after all.
+    victim.restarts += 1
+    victim.start(cluster.env)
+    wait_until(cluster.healthy, 30, "fsck to be healthy with the keeper back")
+    assert_identical(cluster, files, tmp_path)
