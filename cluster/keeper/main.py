@@ -86,6 +86,7 @@ async def _run(settings: dict[str, Any], credentials: Credentials) -> None:
             nursery.start_soon(replicator.run, name="replicator")
             nursery.start_soon(scrubber.run, name="scrubber")
             nursery.start_soon(store.write_back, name="write-back")
+            nursery.start_soon(store.compact_loop, name="compaction")
             if settings["metrics"]:
                 _register_gauges(store, scrubber)
                 metrics.start(settings["metrics"])
