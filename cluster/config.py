@@ -122,7 +122,7 @@ KEYS: dict[str, Key] = {
         Key("replicate_rate_mb_s", _float, 200.0, "bound on re-replication traffic", ("keeper",)),
         Key("capacity", parse_size, 0, "bytes this keeper may use (0: its disk)", ("keeper",)),
         Key("zone", _str, "", "failure domain for placement", ("keeper",)),
-        Key("scrub_rate_mb_s", _float, 8.0, "background checksum scrub rate", ("keeper",)),
+        Key("scrub_rate_mb_s", _float, 8.0, "background checksum scrub rate (0: off)", ("keeper",)),
         Key("http", _str, "", "HOST:PORT of the status page", ("tracker", "keeper")),
         Key("metrics", _str, "", "HOST:PORT of the Prometheus metrics", ("tracker", "keeper")),
         Key("dirty_mb", _int, 192, "bound on buffered writes", ("mount",)),

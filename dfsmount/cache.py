@@ -74,6 +74,8 @@ PLACEMENT_FRESH_S = 10.0
 # A truncate or utimens of a file being written flushes first; writes racing with that flush
 # (only possible through mmap write-back) get this many more flushes before we go ahead.
 FLUSH_ROUNDS = 3
+# How often a read of a chunk whose copies the tracker does not know yet asks again.
+NO_COPY_RETRY_S = 0.5
 # Closed inodes whose unsynced chunks are remembered for a later fsync; past this, an fsync of
 # a reopened file asks its keepers to sync all its chunks.
 UNSYNCED_MEMORY = 4096
@@ -342,6 +344,13 @@ class FileState:
             self.sync_known = True
             self.unsynced.clear()
             return
+        await self.ensure_map()
+        for index, info in list(self.unsynced.items()):
+            latest = self.latest(index)
+            if latest is None or (latest.chunk_id, latest.version) != (info.chunk_id, info.version):
+                # Replaced by a newer version or truncated away: the keepers may have deleted
+                # it already, and the file no longer depends on it.
+                del self.unsynced[index]
         infos = list(self.unsynced.values())
         if infos:
             await self.cache.client.sync_chunks(infos)
@@ -479,14 +488,21 @@ class FileState:
         try:
             return await self._read_piece_once(index, start, end)
         except Unavailable:
-            # The map may name keepers that died since; the tracker may know better ones.
+            # The map may name keepers that died since; the tracker may know better ones. If
+            # it names none, the tracker has just restarted (or taken over) and its keepers
+            # have not reported yet: they do within seconds, so wait for them, bounded.
             before = self.latest(index)
-            async with self._map_lock:
-                await self._load_map()
-            if self.latest(index) == before:
-                raise
-            log.info("inode %d: chunk %d moved, reading it again", self.ino, index)
-            return await self._read_piece_once(index, start, end)
+            deadline = trio.current_time() + self.cache.client.io_timeout_s
+            while True:
+                async with self._map_lock:
+                    await self._load_map()
+                info = self.latest(index)
+                if info != before and (info is None or info.keepers):
+                    log.info("inode %d: chunk %d moved, reading it again", self.ino, index)
+                    return await self._read_piece_once(index, start, end)
+                if (info is not None and info.keepers) or trio.current_time() >= deadline:
+                    raise
+                await trio.sleep(NO_COPY_RETRY_S)
 
     async def _read_piece_once(self, index: int, start: int, end: int) -> Readable:
         buf = self.dirty.get(index)

@@ -3,7 +3,7 @@ checksums.
 
 A bad copy is deleted and reported as removed in the next heartbeat; the tracker then sees the
 chunk below its goal and copies a good one back. The rate (`scrub_rate_mb_s`) is the scrubber's
-own budget, apart from repair and client traffic.
+own budget, apart from repair and client traffic; a rate of 0 turns scrubbing off.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ IDLE_S = 5.0  # pause between passes, and the wait when there is nothing to scru
 class Scrubber:
     def __init__(self, server: KeeperServer, rate_mb_s: float) -> None:
         self.server = server
-        self.rate_bytes_s = max(0.1, rate_mb_s) * 1e6
+        self.rate_bytes_s = rate_mb_s * 1e6
         self.checked = 0
         self.bad = 0
 
     async def run(self) -> None:
+        if self.rate_bytes_s <= 0:
+            log.info("scrubbing is off (scrub_rate_mb_s = 0)")
+            return
         while True:
             for (chunk_id, version), size in sorted(self.server.store.chunks.items()):
                 if (chunk_id, version) not in self.server.store.chunks:

@@ -10,7 +10,9 @@ logged a traceback (a bug caught by the FUSE error boundary).
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster_procs import ProcCluster
+from tests.cluster_procs import Daemon, ProcCluster
 
 BIN = Path(sys.executable).parent
 MOUNT_TIMEOUT_S = 30.0
@@ -164,3 +166,75 @@ def oserror(fn: Callable[[], object]) -> str:
     except OSError as exc:
         return errno.errorcode.get(exc.errno or 0, str(exc.errno))
     return "ok"
+
+
+# --- faults that land mid-operation -------------------------------------------------------
+
+
+class PipeReader:
+    """The stdout pipe of a process reading the mount (`cat`), drained at the test's pace.
+
+    The pipe is the throttle: once it is full (64 KiB) the process blocks writing into it, so
+    while the test takes nothing, the reader is surely alive and mid-file, however fast the
+    mount is. Every byte taken is hashed; no call blocks longer than `timeout`.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self.proc = proc
+        self.fd = proc.stdout.fileno()
+        self.digest = hashlib.sha256()
+        self.taken = 0
+
+    def take(self, count: int | None = None, timeout: float = 120.0) -> None:
+        """Take `count` more bytes, or everything up to end-of-file (None)."""
+        deadline = time.monotonic() + timeout
+        goal = None if count is None else self.taken + count
+        while goal is None or self.taken < goal:
+            left = deadline - time.monotonic()
+            assert left > 0, f"the reader stalled at byte {self.taken}"
+            if not select.select([self.fd], [], [], left)[0]:
+                continue
+            want = 1 << 20 if goal is None else min(1 << 20, goal - self.taken)
+            block = os.read(self.fd, want)
+            if not block:
+                assert goal is None, f"end of file at byte {self.taken}, expected {goal}"
+                return
+            self.digest.update(block)
+            self.taken += len(block)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def first_copy_holder(cluster: ProcCluster, remote: str, from_index: int) -> Daemon:
+    """The keeper listed first (the copy a reader tries first) for the most chunks of `remote`
+    from chunk `from_index` on: a fault there lands on reads still to come."""
+    counts: dict[str, int] = {}
+    for chunk in cluster.stat(remote)["chunks"]:
+        if chunk["index"] >= from_index and chunk["keepers"]:
+            counts[chunk["keepers"][0]] = counts.get(chunk["keepers"][0], 0) + 1
+    assert counts, f"{remote} has no chunk from index {from_index} on"
+    addr = max(counts, key=lambda a: counts[a])
+    return next(k for k in cluster.keepers if k.addr == addr)
+
+
+def read_failovers(m: Mount, addr: str) -> list[str]:
+    """The mount's log lines saying a read of a copy on keeper `addr` failed (cluster/client.py
+    `read_chunk`; the next copy is tried)."""
+    return [line for line in m.logs().splitlines() if f"copy on {addr} failed" in line]
+
+
+def write_failovers(m: Mount, addr: str) -> list[str]:
+    """The mount's log lines saying a chunk write to keeper `addr` failed and a new placement
+    was asked for (cluster/client.py `write_chunk`)."""
+    return [
+        line
+        for line in m.logs().splitlines()
+        if addr in line and "failed" in line and "asking for another placement" in line
+    ]

@@ -1,11 +1,13 @@
 """Defects a POSIX conformance run found, each checked against ext4 in the same test:
-O_TRUNC without a write, fallocate in every supported mode, st_blocks of sparse files."""
+O_TRUNC without a write, fallocate in every supported mode, st_blocks of sparse files; and
+statfs (the cluster's capacity) and device nodes."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -157,3 +159,100 @@ def test_st_blocks_counts_what_is_stored(
     m.start()
     assert (m.path / "full").stat().st_blocks == 2 * CHUNK // 512
     assert (m.path / "sparse").stat().st_blocks == blocks
+
+
+def test_statfs_is_the_clusters_capacity_and_free_space(
+    make_cluster: MakeCluster, mount: MountFactory
+) -> None:
+    """`df` on the mount shows what `dfs status` shows: the live keepers' capacity, and that
+    less what they use, within a chunk's rounding; and it follows what is written."""
+    capacity = 200 * CHUNK + 12345  # not a whole number of blocks: the rounding shows
+    cluster = make_cluster(keepers=3, replication=2, chunk_size=CHUNK, capacity=capacity)
+    m = mount(cluster)
+
+    def figures() -> dict[str, tuple[int, int]]:
+        """(dfs status, the mount) for each figure."""
+        status = cluster.status()
+        live = [k for k in status["keepers"] if k["state"] == "alive"]
+        total = sum(k["capacity_bytes"] for k in live)
+        used = sum(k["used_bytes"] for k in live)
+        st = os.statvfs(m.path)
+        df = subprocess.run(
+            ["df", "-B1", "--output=size,avail", str(m.path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.split()
+        return {
+            "total": (total, st.f_blocks * st.f_frsize),
+            "free": (total - used, st.f_bfree * st.f_frsize),
+            "avail": (total - used, st.f_bavail * st.f_frsize),
+            "df size": (total, int(df[-2])),
+            "df avail": (total - used, int(df[-1])),
+        }
+
+    def agreed() -> dict[str, tuple[int, int]]:
+        # The keepers report their use in heartbeats, and the mount caches statfs for a
+        # second: the figures agree once both have caught up.
+        deadline = time.monotonic() + 20
+        while True:
+            seen = figures()
+            off = {k: v for k, v in seen.items() if abs(v[0] - v[1]) >= CHUNK}
+            if not off:
+                return seen
+            assert time.monotonic() < deadline, f"(dfs status, mount) differ: {off}"
+            time.sleep(0.5)
+
+    before = agreed()
+    assert before["total"][0] == 3 * capacity
+    written = 3 * (5 * CHUNK + 17)
+    for i in range(3):
+        (m.path / f"f{i}").write_bytes(os.urandom(5 * CHUNK + 17))
+    # Two copies of what was written are stored now: the mount's free space shrank by that.
+    deadline = time.monotonic() + 20
+    while before["free"][0] - figures()["free"][0] < 2 * written:
+        assert time.monotonic() < deadline, "dfs status does not show the files' space used"
+        time.sleep(0.5)
+    after = agreed()
+    assert before["free"][1] - after["free"][1] >= 2 * written - CHUNK
+    assert after["total"] == before["total"]
+
+
+def test_device_nodes_keep_type_and_numbers(
+    make_cluster: MakeCluster, mount: MountFactory, tmp_path: Path
+) -> None:
+    """mknod of character and block devices (as root), compared with ext4; the type and the
+    device numbers survive a remount and are seen from another mount."""
+    assert os.geteuid() == 0, "device nodes need root"
+    cluster = make_cluster(keepers=1, replication=1)
+    m = mount(cluster)
+    nodes = {
+        "null": (stat.S_IFCHR | 0o666, os.makedev(1, 3)),
+        "loop": (stat.S_IFBLK | 0o640, os.makedev(7, 5)),
+        # Beyond 8 bits of major and minor: the numbers' full encoding goes through.
+        "nvme": (stat.S_IFBLK | 0o600, os.makedev(259, 70000)),
+        "tty": (stat.S_IFCHR | 0o620, os.makedev(136, 4095)),
+    }
+    local = tmp_path / "ext4"
+    local.mkdir()
+
+    def seen(root: Path) -> dict[str, tuple[int, int, int]]:
+        out = {}
+        for name in nodes:
+            st = os.lstat(root / name)
+            out[name] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_rdev)
+        return out
+
+    for root in (m.path, local):
+        for name, (mode, rdev) in nodes.items():
+            os.mknod(root / name, mode, rdev)
+    expected = seen(local)
+    assert expected["null"][2] == os.makedev(1, 3)
+    assert seen(m.path) == expected
+    other = mount(cluster, "other")
+    assert seen(other.path) == expected
+    m.unmount()
+    m.start()
+    assert seen(m.path) == expected
+    assert sorted(os.listdir(m.path)) == sorted(nodes)

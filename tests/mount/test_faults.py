@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MakeCluster, random_file
-from tests.mount.conftest import MountFactory, oserror
+from tests.mount.conftest import (
+    MountFactory,
+    PipeReader,
+    first_copy_holder,
+    oserror,
+    read_failovers,
+)
 
 pytestmark = pytest.mark.mount
 
@@ -36,22 +42,28 @@ def test_keeper_killed_during_cat(
     writer = mount(cluster, "writer")
     local = random_file(tmp_path / "big", 200 * MiB + 7)
     subprocess.run(["cp", str(local), str(writer.path / "big")], check=True, timeout=300)
+    chunk = cluster.stat("/big")["chunk_size"]
+    kill_at = 16 * MiB
+    # The victim holds the first copy of chunks that neither cat nor any read-ahead (a chunk,
+    # with this cache) has reached at the kill: reading them must fail over.
+    victim = first_copy_holder(cluster, "/big", kill_at // chunk + 2)
     # A fresh mount with a small cache: nothing is cached, read-ahead stays short.
     reader = mount(cluster, "reader", "--cache-mb", "32")
-    out = tmp_path / "out"
-    with open(out, "wb") as sink:
-        cat = subprocess.Popen(["cat", str(reader.path / "big")], stdout=sink)
-        try:
-            deadline = time.monotonic() + 60
-            while out.stat().st_size < 16 * MiB and cat.poll() is None:
-                assert time.monotonic() < deadline, "cat made no progress"
-                time.sleep(0.01)
-            cluster.keepers[0].kill()
-            assert cat.wait(timeout=120) == 0
-        finally:
-            if cat.poll() is None:
-                cat.kill()
-    subprocess.run(["cmp", str(local), str(out)], check=True, timeout=120)
+    cat = subprocess.Popen(["cat", str(reader.path / "big")], stdout=subprocess.PIPE)
+    try:
+        pipe = PipeReader(cat)
+        pipe.take(kill_at)
+        assert cat.poll() is None, "cat ended before the kill"  # blocked on the full pipe
+        victim.kill()
+        pipe.take()
+        assert cat.wait(timeout=120) == 0
+    finally:
+        if cat.poll() is None:
+            cat.kill()
+            cat.wait()
+    assert pipe.taken == local.stat().st_size
+    assert pipe.digest.hexdigest() == sha256(local)
+    assert read_failovers(reader, victim.addr), "no read failed over from the killed keeper"
 
 
 def test_no_copy_left_gives_eio_then_recovers(

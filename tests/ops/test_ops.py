@@ -18,6 +18,7 @@ from typing import Any
 
 from tests.cluster_procs import BIN, ProcCluster, free_port, wait_until
 from tests.conftest import MakeCluster, random_file
+from tests.mount.conftest import fusermount_u, is_mounted
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -71,6 +72,18 @@ class NotifyListener:
         message = self.sock.recv(4096).decode()
         assert state in message.split("\n"), message
 
+    def pending(self) -> list[str]:
+        """Every message already sent and not read yet."""
+        messages = []
+        self.sock.setblocking(False)
+        try:
+            while True:
+                messages.append(self.sock.recv(4096).decode())
+        except BlockingIOError:
+            return messages
+        finally:
+            self.sock.settimeout(20)
+
     def close(self) -> None:
         self.sock.close()
 
@@ -103,6 +116,70 @@ def test_daemons_notify_ready_only_when_serving_and_stopping_on_sigterm(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        listener.close()
+
+
+def _mount_pids(mnt: Path) -> list[int]:
+    """dfs-mount processes serving `mnt` (a detached one is not our child)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(mnt).encode() in cmdline and any(
+            b"dfs-mount" in a or b"dfsmount" in a for a in cmdline
+        ):
+            pids.append(int(entry))
+    return pids
+
+
+def test_dfs_mount_notifies_ready_once_mounted_and_stopping_at_the_end(
+    cluster: ProcCluster, tmp_path: Path
+) -> None:
+    """As systemd's Type=notify needs: READY=1 once the mount point is live (with and without
+    --foreground), STOPPING=1 on SIGTERM and when the kernel ends the session."""
+    listener = NotifyListener(tmp_path / "notify")
+    env = cluster.env | {"NOTIFY_SOCKET": str(listener.path)}
+    mounts: list[Path] = []
+    try:
+        for foreground in (True, False):
+            mnt = tmp_path / ("foreground" if foreground else "detached")
+            mnt.mkdir()
+            mounts.append(mnt)
+            argv = [str(BIN / "dfs-mount"), str(mnt), "--tracker", cluster.tracker_addr]
+            proc = subprocess.Popen(
+                argv + (["--foreground"] if foreground else []),
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            listener.expect("READY=1")
+            # READY means mounted and serving: the mount point works right now.
+            assert is_mounted(mnt), "READY=1 before the mount"
+            (mnt / "probe").write_bytes(b"ready")
+            assert (mnt / "probe").read_bytes() == b"ready"
+            if foreground:
+                proc.send_signal(signal.SIGTERM)
+                listener.expect("STOPPING=1")
+                assert proc.wait(timeout=60) == 0
+                # The end of the session may say it again; nothing else comes.
+                assert set(listener.pending()) <= {"STOPPING=1"}
+            else:
+                assert proc.wait(timeout=60) == 0  # returned once mounted; the child serves
+                subprocess.run(["fusermount3", "-u", str(mnt)], check=True, timeout=30)
+                listener.expect("STOPPING=1")
+                deadline = time.monotonic() + 60
+                while _mount_pids(mnt):
+                    assert time.monotonic() < deadline, "the mount process did not exit"
+                    time.sleep(0.1)
+                assert set(listener.pending()) <= {"STOPPING=1"}
+            assert not is_mounted(mnt)
+    finally:
+        for mnt in mounts:
+            fusermount_u(mnt)
+            for pid in _mount_pids(mnt):
+                os.kill(pid, signal.SIGKILL)
         listener.close()
 
 
