@@ -71,10 +71,11 @@ class Attr:
     ctime_ns: int
     generation: int
     stored: int = 0  # bytes in committed chunks, holes not counted (st_blocks)
+    xattrs: int = 0  # how many extended attributes the inode has
 
     @classmethod
     def from_wire(cls, values: list[int]) -> Attr:
-        if len(values) != 12:
+        if len(values) != 13:
             raise Unavailable("malformed attributes from the tracker")
         return cls(*values)
 
@@ -261,6 +262,23 @@ class Client:
         return await self._attr(
             m.PunchChunks(ino=ino, first_index=first_index, end_index=end_index)
         )
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> Attr:
+        """Set extended attribute `name` (with its namespace, b"user.x"); `flags` takes
+        XATTR_CREATE and XATTR_REPLACE (os.XATTR_*). Returns the new attributes (ctime)."""
+        return await self._attr(m.SetXattr(ino=ino, name=name, value=value, flags=flags))
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        """The value of extended attribute `name`; NoData (ENODATA) if there is none."""
+        return (await self._tracker(m.GetXattr(ino=ino, name=name), m.GetXattrReply)).value
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        """The names of every extended attribute of `ino`, every namespace."""
+        return (await self._tracker(m.ListXattr(ino=ino), m.ListXattrReply)).names
+
+    async def removexattr(self, ino: int, name: bytes) -> Attr:
+        """Remove extended attribute `name` (NoData if there is none); the new attributes."""
+        return await self._attr(m.RemoveXattr(ino=ino, name=name))
 
     async def readdir(self, ino: int, offset: int = 0, limit: int = READDIR_PAGE) -> list[DirEntry]:
         reply = await self._tracker(m.ReadDir(ino=ino, offset=offset, limit=limit), m.ReadDirReply)
@@ -487,9 +505,16 @@ class Client:
         if offset >= stored_end:
             return bytes(length)
         errors: list[str] = []
-        for addr in self._ordered(info.keepers):
+        tried: set[str] = set()
+        while True:
             try:
                 async with self.transfers:
+                    # Chosen once a transfer slot is ours, not before: a copy that failed while
+                    # this read waited for one (a hung keeper) is tried last, not again first.
+                    addr = next((a for a in self._ordered(info.keepers) if a not in tried), "")
+                    if not addr:
+                        break
+                    tried.add(addr)
                     with trio.fail_after(self.io_timeout_s):
                         data = await self._read_copy(addr, info, offset, stored_end - offset)
             except (Unavailable, trio.TooSlowError, ChecksumMismatch, DfsError) as exc:
@@ -639,7 +664,15 @@ class Client:
             exclude.extend(a for a in reply.failed if a not in exclude)
             # Some copies down: keep what is durable and let the healer add the rest, as HDFS
             # does, as long as at least two copies (or all that were asked) made it.
-            if len(reply.stored) >= min(2, len(alloc.keepers)):
+            enough = len(reply.stored) >= min(2, len(alloc.keepers))
+            if reply.failed:
+                log.warning(
+                    "chunk %d: copies on %s failed, %s",
+                    alloc.chunk_id,
+                    ", ".join(reply.failed),
+                    "keeping the others" if enough else "asking for another placement",
+                )
+            if enough:
                 return written
             last_error = Unavailable(f"only {reply.stored or 'no keeper'} stored the chunk")
             await self.abandon([written])

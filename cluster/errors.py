@@ -156,6 +156,34 @@ class TooManyLinks(DfsError):
     errno = _errno.EMLINK
 
 
+class NoData(DfsError):
+    """no such extended attribute"""
+
+    code = 17
+    errno = _errno.ENODATA
+
+
+class TooBig(DfsError):
+    """extended attribute value too large"""
+
+    code = 18
+    errno = _errno.E2BIG
+
+
+class OutOfRange(DfsError):
+    """extended attribute name too long"""
+
+    code = 19
+    errno = _errno.ERANGE
+
+
+class NotSupported(DfsError):
+    """operation not supported"""
+
+    code = 20
+    errno = _errno.EOPNOTSUPP
+
+
 class ProtocolError(Exception):
     """The peer broke the framing or the handshake: close the connection, answer nothing."""
 
@@ -201,6 +229,10 @@ ERRORS_BY_CODE: dict[int, type[DfsError]] = {
         CrossDevice,
         StaleChunk,
         TooManyLinks,
+        NoData,
+        TooBig,
+        OutOfRange,
+        NotSupported,
     )
 }
 

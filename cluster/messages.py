@@ -82,6 +82,13 @@ class MsgType(IntEnum):
     REGISTER_REPLY = 82
     HEARTBEAT_REPLY = 83
     GOODBYE = 84
+    # client -> tracker: extended attributes
+    SET_XATTR = 90
+    GET_XATTR = 91
+    LIST_XATTR = 92
+    REMOVE_XATTR = 93
+    GET_XATTR_REPLY = 94
+    LIST_XATTR_REPLY = 95
     # client/keeper -> keeper
     PUT_CHUNK = 100
     PUT_CHUNK_REPLY = 101
@@ -263,7 +270,8 @@ class OkReply(Message):
 # --- client -> tracker: namespace ------------------------------------------------------------
 
 # An attribute record, as a list for compactness:
-# [ino, mode, nlink, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns, generation]
+# [ino, mode, nlink, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns, generation,
+#  stored_bytes, xattrs (how many extended attributes: with 0 the mount answers ENODATA itself)]
 AttrList = list[int]
 
 
@@ -486,6 +494,69 @@ class StatFsReply(Message):
     used_bytes: int
     free_bytes: int
     files: int
+
+
+# --- client -> tracker: extended attributes ----------------------------------------------------
+
+# `name` is the whole name with its namespace (b"user.mime_type"); only user., trusted. and
+# security. are kept. Who may read or write which namespace is the kernel's check on the mount
+# (as for every file system); the tracker checks names, sizes and file types, as ext4 does.
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class SetXattr(Message):
+    """Set an extended attribute; `flags` takes XATTR_CREATE (1: EEXIST if it exists) and
+    XATTR_REPLACE (2: ENODATA if it does not). Answered with `AttrReply` (ctime moved)."""
+
+    TYPE = MsgType.SET_XATTR
+    ino: int
+    name: bytes
+    value: bytes
+    flags: int = 0
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class GetXattr(Message):
+    """One extended attribute's value (`GetXattrReply`); ENODATA if it has none."""
+
+    TYPE = MsgType.GET_XATTR
+    ino: int
+    name: bytes
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class GetXattrReply(Message):
+    TYPE = MsgType.GET_XATTR_REPLY
+    value: bytes
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ListXattr(Message):
+    """The names of an inode's extended attributes, every namespace (`ListXattrReply`)."""
+
+    TYPE = MsgType.LIST_XATTR
+    ino: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ListXattrReply(Message):
+    TYPE = MsgType.LIST_XATTR_REPLY
+    names: list[bytes]
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class RemoveXattr(Message):
+    """Remove an extended attribute (ENODATA if it has none); answered with `AttrReply`."""
+
+    TYPE = MsgType.REMOVE_XATTR
+    ino: int
+    name: bytes
 
 
 # --- client -> tracker: chunks -----------------------------------------------------------------

@@ -3,7 +3,8 @@
 Modules: `cli` (the command and its lifecycle), `fs` (the request handlers and their error
 boundary), `inodes` (lookup counts, what the kernel was told), `handles` (open files and
 directories), `cache` (file data: write buffers, uploads, commits, reads), `buffers` (one
-chunk's write buffer, the dirty-memory bound) and `chunkcache` (the read LRU).
+chunk's write buffer, the dirty-memory bound), `chunkcache` (the read LRU) and `xattrs`
+(what is known of extended attributes, so that the kernel's many asks stay local).
 
 What the mount promises, and what FUSE does not let it promise:
 
@@ -16,7 +17,9 @@ What the mount promises, and what FUSE does not let it promise:
   appear or vanish here.
 - inotify/fanotify see only changes made through this mount, never those of other mounts.
 - File locks (flock, fcntl) are local to one mount; they do not exclude other mounts.
-- No extended attributes or ACLs (ENOTSUP); atime is not updated by reads (as with noatime);
+- Extended attributes (user.*, trusted.*, security.*) are kept as on ext4, and like
+  attributes may be up to one second old when set on another mount; POSIX ACLs are not
+  (system.posix_acl_*: EOPNOTSUPP). atime is not updated by reads (as with noatime);
   st_blocks is the size rounded up, holes are not subtracted.
 - Writes from two mounts to one file at once: the last commit wins per chunk.
 """

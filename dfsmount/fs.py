@@ -6,9 +6,10 @@ EIO, because pyfuse3 lets only FUSEError through and anything else would end `py
 and with it the mount. Cancellation (a BaseException) is never caught.
 
 Who owns what: `InodeTable` (lookup counts, what the kernel was told), `HandleTable` (open
-files and directories), `DataCache` (file bytes: write buffers, uploads, read cache). The
-namespace rules (ENOTEMPTY, EISDIR, ENAMETOOLONG, ...) are the tracker's; permissions are the
-kernel's (`default_permissions`).
+files and directories), `DataCache` (file bytes: write buffers, uploads, read cache),
+`XattrCache` (what is known of extended attributes). The namespace rules (ENOTEMPTY, EISDIR,
+ENAMETOOLONG, ENODATA, ...) are the tracker's; permissions are the kernel's
+(`default_permissions`, and its xattr namespace rules).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import pyfuse3
 import trio
 
 from cluster.client import Attr, Client, DirEntry
-from cluster.errors import DfsError
+from cluster.errors import DfsError, NoData
+from cluster.xattrs import check_name as check_xattr_name
 from dfsmount.cache import DataCache, FileState
 from dfsmount.handles import HandleTable, OpenDir
 from dfsmount.inodes import AttrCache, DirCache, InodeTable, entry_attributes
 from dfsmount.releases import ReleaseQueue
+from dfsmount.xattrs import XattrCache
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,7 @@ class Operations(pyfuse3.Operations):
         self.sync_on_close = sync_on_close
         self.inodes = InodeTable()
         self.attrs = AttrCache()
+        self.xattrs = XattrCache()
         self.dirs = DirCache()
         self.handles = HandleTable()
         self.data = DataCache(client, nursery, dirty_bytes=dirty_bytes, cache_bytes=cache_bytes)
@@ -324,6 +328,72 @@ class Operations(pyfuse3.Operations):
         self._statfs = (now, data)
         return data
 
+    # --- extended attributes (dfsmount/xattrs.py) ----------------------------------------
+
+    @fuse_op
+    async def setxattr(
+        self,
+        inode: pyfuse3.InodeT,
+        name: pyfuse3.XAttrNameT,
+        value: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        log.debug("setxattr %d %r (%d bytes)", inode, name, len(value))
+        check_xattr_name(name)  # system.posix_acl_*: EOPNOTSUPP, no tracker trip
+        attr = await self.client.setxattr(inode, name, value)
+        self.xattrs.changed(inode, name, value)
+        self.attrs.put(attr)  # ctime moved: the kernel asks for it next (`stat`)
+
+    @fuse_op
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        log.debug("getxattr %d %r", inode, name)
+        check_xattr_name(name)
+        known, value = self.xattrs.value(inode, name)
+        if not known:
+            attr = self.attrs.get(inode)
+            if attr is None or attr.xattrs:
+                epoch = self.xattrs.epoch
+                try:
+                    value = await self.client.getxattr(inode, name)
+                except NoData:
+                    value = None
+                self.xattrs.put_value(inode, name, value, epoch)
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
+
+    @fuse_op
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> Sequence[pyfuse3.XAttrNameT]:
+        log.debug("listxattr %d", inode)
+        names = self.xattrs.names(inode)
+        if names is None:
+            attr = self.attrs.get(inode)
+            if attr is not None and not attr.xattrs:
+                names = []
+            else:
+                epoch = self.xattrs.epoch
+                names = await self.client.listxattr(inode)
+                self.xattrs.put_names(inode, names, epoch)
+        if ctx.uid != 0:
+            # As ext4: trusted.* is listed to CAP_SYS_ADMIN only (the kernel already keeps
+            # get and set of them to it); root stands for it, as the request carries no caps.
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return [pyfuse3.XAttrNameT(n) for n in names]
+
+    @fuse_op
+    async def removexattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        log.debug("removexattr %d %r", inode, name)
+        check_xattr_name(name)
+        attr = await self.client.removexattr(inode, name)
+        self.xattrs.changed(inode, name, None)
+        self.attrs.put(attr)
+
     # --- files ----------------------------------------------------------------------------
 
     async def _open(
@@ -505,8 +575,12 @@ class Operations(pyfuse3.Operations):
         for i, entry in enumerate(handle.page):
             if entry.next_offset == offset and i + 1 < len(handle.page):
                 return handle.page[i + 1 :]
+        epoch = self.xattrs.epoch
         handle.page = await self.client.readdir(handle.ino, offset, READDIR_PAGE)
         handle.page_offset = offset
+        for entry in handle.page:  # `ls -l` asks each for security.selinux next
+            if not entry.attr.xattrs:
+                self.xattrs.put_names(entry.attr.ino, [], epoch)
         return handle.page
 
     @fuse_op

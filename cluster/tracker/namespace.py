@@ -14,15 +14,19 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from cluster import xattrs
 from cluster.errors import (
     Exists,
     InvalidArgument,
     IsADir,
     NameTooLong,
+    NoData,
+    NoSpace,
     NotADir,
     NotEmpty,
     NotFound,
     NotPermitted,
+    TooBig,
 )
 from cluster.tracker.store import ROOT_INO, ChunkRow, Inode, MetadataStore
 
@@ -31,6 +35,10 @@ PATH_MAX = 4096
 LINK_MAX = 65000
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+# Names and values of one inode together, at most (ENOSPC past it, as on a full ext4 xattr
+# block): every row lives in the tracker's one database, and 16 values of the largest size
+# are more than any tool sets (ext4 without ea_inode keeps 4 KiB per inode).
+XATTR_INODE_MAX = 1 << 20
 
 
 def check_name(name: bytes) -> None:
@@ -334,6 +342,59 @@ class Namespace:
                     ChunkRow(last.ino, last.idx, last.chunk_id, last.version, limit, last.digest)
                 )
         return dropped
+
+    # --- extended attributes --------------------------------------------------------------
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        xattrs.check_name(name)
+        self.inode(ino)
+        value = self.store.get_xattr(ino, name)
+        if value is None:
+            raise NoData(f"inode {ino} has no {name!r}")
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        """Every name, in every namespace (the mount hides trusted.* from unprivileged users)."""
+        self.inode(ino)
+        return list(self.store.xattr_sizes(ino))
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> Inode:
+        """Set one extended attribute; ctime moves, as on ext4. Who may is the kernel's check;
+        user.* only on regular files and directories (EPERM), as ext4."""
+        if flags & ~(xattrs.XATTR_CREATE | xattrs.XATTR_REPLACE):
+            raise InvalidArgument(f"bad setxattr flags {flags:#x}")
+        xattrs.check_name(name)
+        if len(value) > xattrs.XATTR_SIZE_MAX:
+            raise TooBig(f"extended attribute value of {len(value)} bytes")
+        with self.store.transaction():
+            inode = self.inode(ino)
+            if name.startswith(b"user.") and not (
+                stat.S_ISREG(inode.mode) or stat.S_ISDIR(inode.mode)
+            ):
+                raise NotPermitted("user.* attributes are for files and directories only")
+            sizes = self.store.xattr_sizes(ino)
+            if name in sizes and flags & xattrs.XATTR_CREATE:
+                raise Exists(f"inode {ino} has {name!r}")
+            if name not in sizes and flags & xattrs.XATTR_REPLACE:
+                raise NoData(f"inode {ino} has no {name!r}")
+            sizes[name] = len(value)
+            listed = sum(len(n) + 1 for n in sizes)
+            if listed > xattrs.XATTR_LIST_MAX or listed + sum(sizes.values()) > XATTR_INODE_MAX:
+                raise NoSpace(f"no room for more extended attributes on inode {ino}")
+            self.store.set_xattr(ino, name, value)
+            inode.ctime_ns = time.time_ns()
+            self.store.update_inode(inode)
+            return self.inode(ino)  # read back: the count of attributes changed
+
+    def removexattr(self, ino: int, name: bytes) -> Inode:
+        xattrs.check_name(name)
+        with self.store.transaction():
+            inode = self.inode(ino)
+            if not self.store.remove_xattr(ino, name):
+                raise NoData(f"inode {ino} has no {name!r}")
+            inode.ctime_ns = time.time_ns()
+            self.store.update_inode(inode)
+            return self.inode(ino)
 
     # --- open files -----------------------------------------------------------------------
 

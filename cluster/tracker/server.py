@@ -105,6 +105,10 @@ class Tracker:
             m.ReleaseFiles: self.release_files,
             m.StatFs: self.stat_fs,
             m.Sync: self.sync,
+            m.SetXattr: self.set_xattr,
+            m.GetXattr: self.get_xattr,
+            m.ListXattr: self.list_xattr,
+            m.RemoveXattr: self.remove_xattr,
             m.GetChunks: self.get_chunks,
             m.AllocateChunk: self.allocate_chunk,
             m.CommitChunks: self.commit_chunks,
@@ -262,6 +266,19 @@ class Tracker:
     async def sync(self, msg: m.Sync, peer: str) -> m.Message:
         await self.durable.sync()
         return m.OkReply()
+
+    async def set_xattr(self, msg: m.SetXattr, peer: str) -> m.Message:
+        inode = self.namespace.setxattr(msg.ino, msg.name, msg.value, msg.flags)
+        return m.AttrReply(attr=inode.as_list())
+
+    async def get_xattr(self, msg: m.GetXattr, peer: str) -> m.Message:
+        return m.GetXattrReply(value=self.namespace.getxattr(msg.ino, msg.name))
+
+    async def list_xattr(self, msg: m.ListXattr, peer: str) -> m.Message:
+        return m.ListXattrReply(names=self.namespace.listxattr(msg.ino))
+
+    async def remove_xattr(self, msg: m.RemoveXattr, peer: str) -> m.Message:
+        return m.AttrReply(attr=self.namespace.removexattr(msg.ino, msg.name).as_list())
 
     async def stat_fs(self, msg: m.StatFs, peer: str) -> m.Message:
         live = self.registry.live()

@@ -1,4 +1,5 @@
-"""The tracker's persistent state: namespace, chunk lists and pending chunk versions.
+"""The tracker's persistent state: namespace (with extended attributes), chunk lists and
+pending chunk versions.
 
 `MetadataStore` is the interface the rest of the tracker uses; `SqliteStore` implements it on
 SQLite in WAL mode. Every namespace operation is one transaction (`with store.transaction():`);
@@ -103,6 +104,16 @@ CREATE TABLE IF NOT EXISTS chunk_versions (
     top      INTEGER NOT NULL
 );
 
+-- Extended attributes (getfattr/setfattr, rsync -X, cp --preserve=xattr). Deleted with the
+-- inode, in the same transaction (`delete_inode`).
+CREATE TABLE IF NOT EXISTS xattrs (
+    ino    INTEGER NOT NULL,       -- the inode they belong to
+    name   BLOB NOT NULL,          -- whole name with its namespace (user., trusted., security.),
+                                   -- 1 to 255 bytes, as the kernel gives it
+    value  BLOB NOT NULL,          -- 0 to 64 KiB of any bytes
+    PRIMARY KEY (ino, name)
+);
+
 -- Keepers being drained by `dfs decommission`: no new chunks, their copies moved elsewhere.
 CREATE TABLE IF NOT EXISTS draining (
     keeper_id TEXT PRIMARY KEY
@@ -132,6 +143,7 @@ class Inode:
     replication: int
     target: bytes | None
     stored: int = 0  # read from the store, never written through update_inode
+    xattrs: int = 0  # how many extended attributes: counted when read, never written
 
     def as_list(self) -> list[int]:
         """The wire form (messages.AttrList); generation is 0 as inodes are never reused."""
@@ -148,6 +160,7 @@ class Inode:
             self.ctime_ns,
             0,
             self.stored,
+            self.xattrs,
         ]
 
 
@@ -234,6 +247,10 @@ class MetadataStore(Protocol):
     def set_draining(self, keeper_id: str, draining: bool) -> None: ...
     def count_chunks(self) -> int: ...
     def orphans(self) -> list[int]: ...
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None: ...
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None: ...
+    def remove_xattr(self, ino: int, name: bytes) -> bool: ...
+    def xattr_sizes(self, ino: int) -> dict[bytes, int]: ...
 
 
 class SqliteStore:
@@ -359,7 +376,9 @@ class SqliteStore:
 
     def get_inode(self, ino: int) -> Inode | None:
         row = self.db.execute(
-            f"SELECT {_INODE_COLUMNS}, stored FROM inodes WHERE ino=?", (ino,)
+            f"SELECT {_INODE_COLUMNS}, stored,"
+            " (SELECT count(*) FROM xattrs WHERE xattrs.ino = inodes.ino) FROM inodes WHERE ino=?",
+            (ino,),
         ).fetchone()
         return Inode(*row) if row else None
 
@@ -380,7 +399,9 @@ class SqliteStore:
         )
 
     def delete_inode(self, ino: int) -> None:
+        """Delete an inode and its extended attributes (in the caller's transaction)."""
         self.db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+        self.db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
 
     def count_inodes(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM inodes").fetchone()[0])
@@ -551,6 +572,31 @@ class SqliteStore:
             "SELECT chunk_id, version FROM allocations WHERE created_ns < ?", (older_than_ns,)
         ).fetchall()
         return [(int(c), int(v)) for c, v in rows]
+
+    # --- extended attributes --------------------------------------------------------------
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        row = self.db.execute(
+            "SELECT value FROM xattrs WHERE ino=? AND name=?", (ino, name)
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?,?,?)", (ino, name, value)
+        )
+
+    def remove_xattr(self, ino: int, name: bytes) -> bool:
+        """Remove one; False if the inode had no attribute of that name."""
+        cur = self.db.execute("DELETE FROM xattrs WHERE ino=? AND name=?", (ino, name))
+        return cur.rowcount > 0
+
+    def xattr_sizes(self, ino: int) -> dict[bytes, int]:
+        """Name -> value length of every extended attribute of `ino`, in name order."""
+        rows = self.db.execute(
+            "SELECT name, length(value) FROM xattrs WHERE ino=? ORDER BY name", (ino,)
+        ).fetchall()
+        return {bytes(name): int(size) for name, size in rows}
 
     # --- health ---------------------------------------------------------------------------
 

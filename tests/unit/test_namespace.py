@@ -7,9 +7,24 @@ from pathlib import Path
 
 import pytest
 
-from cluster.errors import Exists, InvalidArgument, IsADir, NameTooLong, NotADir, NotEmpty, NotFound
+from cluster.errors import (
+    Exists,
+    InvalidArgument,
+    IsADir,
+    NameTooLong,
+    NoData,
+    NoSpace,
+    NotADir,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+    NotSupported,
+    OutOfRange,
+    TooBig,
+)
 from cluster.tracker.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, Namespace
 from cluster.tracker.store import ROOT_INO, ChunkRow, SqliteStore
+from cluster.xattrs import XATTR_CREATE, XATTR_REPLACE
 
 FILE = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
@@ -122,3 +137,146 @@ def test_state_survives_reopen(tmp_path: Path) -> None:
     ns.store.close()
     again = Namespace(SqliteStore(tmp_path / "meta.db"), 1 << 20)
     assert again.readlink(again.resolve(b"/d/l").ino) == b"../target"
+
+
+# --- extended attributes ---------------------------------------------------------------------
+
+
+def xattr_rows(ns: Namespace) -> int:
+    store = ns.store
+    assert isinstance(store, SqliteStore)
+    return int(store.db.execute("SELECT count(*) FROM xattrs").fetchone()[0])
+
+
+def test_xattrs_set_get_list_remove_as_ext4(ns: Namespace) -> None:
+    f = ns.make_node(ROOT_INO, b"f", FILE, 0, 0)
+    assert f.xattrs == 0
+    after = ns.setxattr(f.ino, b"user.a", b"1")
+    assert after.xattrs == 1
+    assert after.ctime_ns > f.ctime_ns
+    assert after.mtime_ns == f.mtime_ns
+    ns.setxattr(f.ino, b"trusted.t", b"\0binary\xff")
+    ns.setxattr(f.ino, b"security.s", b"")
+    assert ns.getxattr(f.ino, b"user.a") == b"1"
+    assert ns.getxattr(f.ino, b"trusted.t") == b"\0binary\xff"
+    assert ns.getxattr(f.ino, b"security.s") == b""
+    assert sorted(ns.listxattr(f.ino)) == [b"security.s", b"trusted.t", b"user.a"]
+    assert ns.inode(f.ino).xattrs == 3
+
+    with pytest.raises(Exists):
+        ns.setxattr(f.ino, b"user.a", b"2", XATTR_CREATE)
+    with pytest.raises(NoData):
+        ns.setxattr(f.ino, b"user.b", b"2", XATTR_REPLACE)
+    ns.setxattr(f.ino, b"user.a", b"2", XATTR_REPLACE)
+    ns.setxattr(f.ino, b"user.b", b"3", XATTR_CREATE)
+    assert (ns.getxattr(f.ino, b"user.a"), ns.getxattr(f.ino, b"user.b")) == (b"2", b"3")
+    with pytest.raises(NoData):
+        ns.getxattr(f.ino, b"user.missing")
+    with pytest.raises(NoData):
+        ns.removexattr(f.ino, b"user.missing")
+    before = ns.inode(f.ino)
+    removed = ns.removexattr(f.ino, b"user.a")
+    assert removed.xattrs == 3
+    assert removed.ctime_ns > before.ctime_ns
+    with pytest.raises(NoData):
+        ns.getxattr(f.ino, b"user.a")
+    with pytest.raises(NotFound):
+        ns.getxattr(12345, b"user.a")
+
+
+def test_xattr_names_values_and_file_types(ns: Namespace) -> None:
+    f = ns.make_node(ROOT_INO, b"f", FILE, 0, 0)
+    d = ns.make_node(ROOT_INO, b"d", DIR, 0, 0)
+    link = ns.symlink(ROOT_INO, b"l", b"f", 0, 0)
+    fifo = ns.make_node(ROOT_INO, b"p", stat.S_IFIFO | 0o644, 0, 0)
+    ns.setxattr(f.ino, b"user." + b"n" * 250, b"255-byte name")
+    with pytest.raises(OutOfRange):
+        ns.setxattr(f.ino, b"user." + b"n" * 251, b"x")
+    with pytest.raises(OutOfRange):
+        ns.getxattr(f.ino, b"")
+    ns.setxattr(f.ino, b"user.big", b"v" * 65536)
+    with pytest.raises(TooBig):
+        ns.setxattr(f.ino, b"user.bigger", b"v" * 65537)
+    with pytest.raises(InvalidArgument):
+        ns.setxattr(f.ino, b"user.", b"x")
+    with pytest.raises(InvalidArgument):
+        ns.setxattr(f.ino, b"user.a", b"x", 4)
+    for name in (b"system.posix_acl_access", b"system.posix_acl_default", b"other.x"):
+        with pytest.raises(NotSupported):
+            ns.setxattr(f.ino, name, b"x")
+        with pytest.raises(NotSupported):
+            ns.getxattr(f.ino, name)
+    # As ext4: user.* only on regular files and directories; other namespaces anywhere.
+    ns.setxattr(d.ino, b"user.d", b"dir")
+    for other in (link, fifo):
+        with pytest.raises(NotPermitted):
+            ns.setxattr(other.ino, b"user.x", b"x")
+        ns.setxattr(other.ino, b"trusted.x", b"x")
+    assert ns.listxattr(link.ino) == [b"trusted.x"]
+
+
+def test_xattrs_per_inode_are_bounded(ns: Namespace) -> None:
+    f = ns.make_node(ROOT_INO, b"f", FILE, 0, 0)
+    for i in range(15):
+        ns.setxattr(f.ino, b"user.v%02d" % i, b"v" * 65536)
+    with pytest.raises(NoSpace):
+        ns.setxattr(f.ino, b"user.v15", b"v" * 65536)
+    ns.setxattr(f.ino, b"user.v00", b"w" * 65536)  # a replacement takes no more room
+    g = ns.make_node(ROOT_INO, b"g", FILE, 0, 0)
+    for i in range(256):  # 256 names of 255 bytes and their NULs fill a listxattr answer
+        ns.setxattr(g.ino, b"user.%03d" % i + b"n" * 247, b"")
+    with pytest.raises(NoSpace):
+        ns.setxattr(g.ino, b"user.more", b"")
+    assert len(ns.listxattr(g.ino)) == 256
+
+
+def test_xattrs_are_deleted_with_their_inode(ns: Namespace) -> None:
+    f = ns.make_node(ROOT_INO, b"f", FILE, 0, 0)
+    ns.setxattr(f.ino, b"user.a", b"1")
+    ns.link(f.ino, ROOT_INO, b"f2")
+    ns.unlink(ROOT_INO, b"f")
+    assert ns.getxattr(f.ino, b"user.a") == b"1"  # a name is left
+    ns.open(f.ino, "session")
+    ns.unlink(ROOT_INO, b"f2")
+    assert ns.getxattr(f.ino, b"user.a") == b"1"  # open: kept until released
+    ns.release(f.ino, "session")
+    assert xattr_rows(ns) == 0
+
+    d = ns.make_node(ROOT_INO, b"d", DIR, 0, 0)
+    ns.setxattr(d.ino, b"user.d", b"1")
+    ns.rmdir(ROOT_INO, b"d")
+    assert xattr_rows(ns) == 0
+
+    old = ns.make_node(ROOT_INO, b"old", FILE, 0, 0)
+    new = ns.make_node(ROOT_INO, b"new", FILE, 0, 0)
+    ns.setxattr(old.ino, b"user.old", b"1")
+    ns.setxattr(new.ino, b"user.new", b"1")
+    ns.rename(ROOT_INO, b"new", ROOT_INO, b"old", 0)  # replaces old
+    assert ns.listxattr(new.ino) == [b"user.new"]
+    assert xattr_rows(ns) == 1
+    e = ns.make_node(ROOT_INO, b"e", DIR, 0, 0)
+    ns.setxattr(e.ino, b"user.e", b"1")
+    ns.make_node(ROOT_INO, b"e2", DIR, 0, 0)
+    ns.rename(ROOT_INO, b"e2", ROOT_INO, b"e", 0)  # replaces the empty directory e
+    assert xattr_rows(ns) == 1
+
+    orphan = ns.make_node(ROOT_INO, b"orphan", FILE, 0, 0)
+    ns.setxattr(orphan.ino, b"user.o", b"1")
+    ns.open(orphan.ino, "crashed mount")
+    ns.unlink(ROOT_INO, b"orphan")
+    ns.open_by.clear()  # as after a tracker restart
+    ns.collect_orphans()
+    assert xattr_rows(ns) == 1
+
+
+def test_xattrs_survive_reopen_and_old_databases_get_the_table(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "meta.db")
+    store.db.execute("DROP TABLE xattrs")  # a database made before extended attributes
+    store.close()
+    ns = Namespace(SqliteStore(tmp_path / "meta.db"), 1 << 20)
+    f = ns.make_node(ROOT_INO, b"f", FILE, 0, 0)
+    ns.setxattr(f.ino, b"user.kept", b"across restarts")
+    ns.store.close()
+    again = Namespace(SqliteStore(tmp_path / "meta.db"), 1 << 20)
+    assert again.getxattr(f.ino, b"user.kept") == b"across restarts"
+    assert again.lookup(ROOT_INO, b"f").xattrs == 1
