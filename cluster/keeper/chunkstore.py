@@ -151,7 +151,11 @@ class Layout:
 class ChunkStore:
     def __init__(self, data_dir: Path, capacity_bytes: int = 0) -> None:
         self.root = data_dir / "chunks"
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.root.exists():
+            # A directory made now is on the disk only once its parent is fsynced: without
+            # it a power cut takes every chunk file under it along.
+            self.root.mkdir(parents=True, mode=0o700)
+            _fsync_path(data_dir)
         self.configured_capacity = capacity_bytes
         self.used_bytes = 0
         # Live versions (what the tracker is told this keeper holds) -> size of their own file.
@@ -338,7 +342,9 @@ class ChunkStore:
         sync: bool,
     ) -> Path:
         """Write `header`, then `data` at `offset`, to a temporary file renamed to `final`."""
-        final.parent.mkdir(exist_ok=True, mode=0o700)
+        if not final.parent.exists():
+            final.parent.mkdir(exist_ok=True, mode=0o700)
+            _fsync_path(self.root)
         tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{threading.get_ident()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:

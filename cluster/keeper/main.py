@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import os
 import signal
 import sys
 import uuid
@@ -55,8 +56,17 @@ def keeper_id(data_dir: Path) -> str:
         return path.read_text().strip()
     value = uuid.uuid4().hex
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(value + "\n")
+    with open(tmp, "w") as out:
+        out.write(value + "\n")
+        out.flush()
+        os.fsync(out.fileno())
     tmp.rename(path)
+    # On the disk before any chunk is: after a power cut the keeper must come back as itself.
+    fd = os.open(data_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return value
 
 
