@@ -851,6 +851,18 @@ class Client:
         if progress:
             progress(len(data))
 
+    async def _located_chunks(self, ino: int) -> FileChunks:
+        """The file's chunk list once the tracker knows a copy of every chunk, or as it is
+        after `io_timeout_s`: a tracker that just restarted hears from its keepers within
+        seconds, and a read must not fail in the meantime."""
+        deadline = trio.current_time() + self.io_timeout_s
+        while True:
+            chunks = await self.get_chunks(ino)
+            located = all(info.keepers for info in chunks.chunks.values())
+            if located or trio.current_time() >= deadline:
+                return chunks
+            await trio.sleep(0.5)
+
     async def download(
         self, remote: str, local: str | Path, progress: Callable[[int], None] | None = None
     ) -> int:
@@ -863,7 +875,7 @@ class Client:
         attr = await self.resolve(remote)
         if attr.is_dir:
             raise IsADir(remote)
-        chunks = await self.get_chunks(attr.ino)
+        chunks = await self._located_chunks(attr.ino)
         if str(local) == "-":
             await self._stream(chunks, sys.stdout.fileno(), progress)
             return chunks.size
