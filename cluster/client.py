@@ -12,6 +12,7 @@ Parallelism is bounded by one `CapacityLimiter` of `transfers` per client.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import stat as stat_mod
@@ -537,9 +538,35 @@ class Client:
             f" ({'; '.join(errors) or 'no keepers'})"
         )
 
-    async def _read_copy(
+    async def read_blocks(self, info: ChunkInfo, first: int, stop: int) -> tuple[bytes, bytes]:
+        """Blocks [first, stop) of a chunk version, verified, with the checksums of all its
+        blocks: what a patch over that version needs of it. Fails over like `read_chunk`."""
+        block = checksum.BLOCK_SIZE
+        offset, end = first * block, min(info.length, stop * block)
+        errors: list[str] = []
+        for addr in self._ordered(info.keepers):
+            try:
+                async with self.transfers:
+                    with trio.fail_after(self.io_timeout_s):
+                        reply, payload = await self._read_verified(addr, info, offset, end - offset)
+            except (trio.TooSlowError, DfsError) as exc:
+                errors.append(f"{addr}: {exc or 'timeout'}")
+                continue
+            if reply.first_block != first or len(payload) < end - offset:
+                errors.append(f"{addr}: sent other blocks than asked for")
+                continue
+            data = bytes(memoryview(payload)[: end - offset])
+            PAYLOADS.give(payload)
+            return bytes(reply.checksums), data
+        raise Unavailable(
+            f"chunk {info.chunk_id} v{info.version}: no readable copy ({'; '.join(errors)})"
+        )
+
+    async def _read_verified(
         self, addr: str, info: ChunkInfo, offset: int, length: int
-    ) -> bytes | bytearray:
+    ) -> tuple[m.ReadChunkReply, bytearray]:
+        """One copy's blocks covering [offset, offset+length), each checked against checksums
+        whose digest the tracker gave."""
         request = m.ReadChunk(
             chunk_id=info.chunk_id, version=info.version, offset_bytes=offset, length_bytes=length
         )
@@ -549,6 +576,12 @@ class Client:
         bad = checksum.verify_blocks(payload, reply.checksums, reply.first_block)
         if bad is not None:
             raise ChecksumMismatch(f"block {bad} does not match its checksum")
+        return reply, payload
+
+    async def _read_copy(
+        self, addr: str, info: ChunkInfo, offset: int, length: int
+    ) -> bytes | bytearray:
+        reply, payload = await self._read_verified(addr, info, offset, length)
         skip = offset - reply.first_block * checksum.BLOCK_SIZE
         if skip < 0 or skip + length > len(payload):
             raise ChecksumMismatch("keeper sent a range that does not cover the request")
@@ -646,6 +679,61 @@ class Client:
         if isinstance(last_error, NoSpace):
             raise NoSpace(f"chunk {index} of inode {ino}: {last_error.message}")
         raise Unavailable(f"chunk {index} of inode {ino} could not be written: {last_error}")
+
+    async def write_patch(
+        self,
+        ino: int,
+        base: ChunkInfo,
+        length: int,
+        checksums: bytes,
+        blocks: list[int],
+        data: bytes | bytearray | memoryview,
+        *,
+        sync: bool = True,
+    ) -> ChunkInfo:
+        """Store a new version of `base`'s chunk as the changed `blocks` only (their bytes back
+        to back in `data`; `checksums` of every block of the new version), on the keepers
+        that hold `base`. Raises if that cannot be done (the base moved on, a keeper lacks
+        it, too few copies took it): the caller then writes the whole chunk instead."""
+        alloc = await self._tracker(
+            m.AllocateChunk(ino=ino, index=base.index, base_version=base.version),
+            m.AllocateReply,
+        )
+        written = ChunkInfo(
+            base.index,
+            alloc.chunk_id,
+            alloc.version,
+            length,
+            checksum.digest(checksums),
+            tuple(alloc.keepers),
+        )
+        request = m.PatchChunk(
+            chunk_id=alloc.chunk_id,
+            base_version=base.version,
+            version=alloc.version,
+            length_bytes=length,
+            checksums=checksums,
+            blocks=blocks,
+            forward=alloc.keepers[1:],
+            sync=sync,
+        )
+        try:
+            async with self.transfers:
+                with trio.fail_after(self.io_timeout_s + len(data) / (20 << 20)):
+                    reply, _ = await self.pool.call(
+                        alloc.keepers[0], request, m.PutChunkReply, data
+                    )
+        except (DfsError, trio.TooSlowError) as exc:
+            self.pool.drop(alloc.keepers[0])
+            await self.abandon([written])
+            raise Unavailable(
+                f"patch of chunk {alloc.chunk_id} failed: {exc or 'timeout'}"
+            ) from None
+        written = dataclasses.replace(written, keepers=tuple(reply.stored))
+        if len(reply.stored) < min(2, len(alloc.keepers)):
+            await self.abandon([written])
+            raise Unavailable(f"only {reply.stored or 'no keeper'} took the patch")
+        return written
 
     async def _allocate(self, ino: int, index: int, exclude: list[str]) -> m.AllocateReply:
         """A placement; while the tracker knows no live keeper (just restarted, or every keeper
@@ -763,6 +851,18 @@ class Client:
         if progress:
             progress(len(data))
 
+    async def _located_chunks(self, ino: int) -> FileChunks:
+        """The file's chunk list once the tracker knows a copy of every chunk, or as it is
+        after `io_timeout_s`: a tracker that just restarted hears from its keepers within
+        seconds, and a read must not fail in the meantime."""
+        deadline = trio.current_time() + self.io_timeout_s
+        while True:
+            chunks = await self.get_chunks(ino)
+            located = all(info.keepers for info in chunks.chunks.values())
+            if located or trio.current_time() >= deadline:
+                return chunks
+            await trio.sleep(0.5)
+
     async def download(
         self, remote: str, local: str | Path, progress: Callable[[int], None] | None = None
     ) -> int:
@@ -775,7 +875,7 @@ class Client:
         attr = await self.resolve(remote)
         if attr.is_dir:
             raise IsADir(remote)
-        chunks = await self.get_chunks(attr.ino)
+        chunks = await self._located_chunks(attr.ino)
         if str(local) == "-":
             await self._stream(chunks, sys.stdout.fileno(), progress)
             return chunks.size

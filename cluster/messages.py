@@ -95,6 +95,7 @@ class MsgType(IntEnum):
     READ_CHUNK = 102
     READ_CHUNK_REPLY = 103
     SYNC_CHUNKS = 104
+    PATCH_CHUNK = 105
 
 
 @dataclass(frozen=True, slots=True)
@@ -595,6 +596,9 @@ class AllocateChunk(Message):
     ino: int
     index: int
     exclude: list[str] = field(default_factory=list)
+    # Nonzero: a version to be written as a patch over this committed version, so it goes to
+    # the live keepers that hold that version (StaleChunk if it is not the committed one).
+    base_version: int = 0
 
 
 @message
@@ -825,6 +829,26 @@ class PutChunkReply(Message):
     TYPE = MsgType.PUT_CHUNK_REPLY
     stored: list[str]
     failed: list[str] = field(default_factory=list)
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class PatchChunk(Message):
+    """Store a chunk version as changed blocks over `base_version`, which the keeper holds:
+    the payload is blocks `blocks` (ascending) of the new version back to back, each 64 KiB
+    but the chunk's last, which ends at `length_bytes`. `checksums` are those of every block
+    of the new version; a block not sent must be the base's own (same bytes, same checksum).
+    Forwarded, synced and answered as `PutChunk`."""
+
+    TYPE = MsgType.PATCH_CHUNK
+    chunk_id: int
+    base_version: int
+    version: int
+    length_bytes: int
+    checksums: bytes
+    blocks: list[int]
+    forward: list[str] = field(default_factory=list)
+    sync: bool = True
 
 
 @message

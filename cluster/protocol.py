@@ -86,17 +86,26 @@ class FileRegion:
     cache to the socket inside the kernel, in a worker thread, so that a cold read waits for
     the disk there and not in the event loop; the keeper neither copies nor allocates 8 MiB
     per read. Over TLS the bytes are read and sent in pieces. Whoever sends it closes it.
+
+    `more` continues the payload with further (fd, offset, length) pieces, sent in order: the
+    blocks of a patched chunk version lie in several files (keeper/chunkstore.py). Every fd
+    named is closed once.
     """
 
     fd: int
     offset: int
     length: int
+    more: tuple[tuple[int, int, int], ...] = ()
+
+    def pieces(self) -> list[tuple[int, int, int]]:
+        return [(self.fd, self.offset, self.length), *self.more]
 
     def __len__(self) -> int:
-        return self.length
+        return self.length + sum(piece[2] for piece in self.more)
 
     def close(self) -> None:
-        os.close(self.fd)
+        for fd in {piece[0] for piece in self.pieces()}:
+            os.close(fd)
 
 
 Payload = Buffer | FileRegion
@@ -150,18 +159,18 @@ def _sendfile(sock_fd: int, region: FileRegion) -> None:
     thread's loop: the trio thread keeps serving)."""
     poller = select.poll()
     poller.register(sock_fd, select.POLLOUT)
-    offset, left = region.offset, region.length
-    while left:
-        try:
-            sent = os.sendfile(sock_fd, region.fd, offset, left)
-        except BlockingIOError:
-            if not poller.poll(FILE_SEND_TIMEOUT_S * 1000):
-                raise trio.BrokenResourceError("peer stopped reading") from None
-            continue
-        if sent == 0:
-            raise trio.BrokenResourceError("the file ended before the payload")
-        offset += sent
-        left -= sent
+    for fd, offset, left in region.pieces():
+        while left:
+            try:
+                sent = os.sendfile(sock_fd, fd, offset, left)
+            except BlockingIOError:
+                if not poller.poll(FILE_SEND_TIMEOUT_S * 1000):
+                    raise trio.BrokenResourceError("peer stopped reading") from None
+                continue
+            if sent == 0:
+                raise trio.BrokenResourceError("the file ended before the payload")
+            offset += sent
+            left -= sent
 
 
 class FrameStream:
@@ -198,15 +207,16 @@ class FrameStream:
 
     async def _send_region(self, region: FileRegion) -> None:
         if self._sock is None:
-            offset, end = region.offset, region.offset + region.length
-            while offset < end:
-                piece = await trio.to_thread.run_sync(
-                    os.pread, region.fd, min(end - offset, 1 << 20), offset
-                )
-                if not piece:
-                    raise trio.BrokenResourceError("the file ended before the payload")
-                await self.stream.send_all(piece)
-                offset += len(piece)
+            for fd, offset, length in region.pieces():
+                end = offset + length
+                while offset < end:
+                    piece = await trio.to_thread.run_sync(
+                        os.pread, fd, min(end - offset, 1 << 20), offset
+                    )
+                    if not piece:
+                        raise trio.BrokenResourceError("the file ended before the payload")
+                    await self.stream.send_all(piece)
+                    offset += len(piece)
             return
         await trio.to_thread.run_sync(_sendfile, self._sock.fileno(), region, limiter=_file_sends())
 

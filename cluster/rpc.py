@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import select
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -158,7 +159,7 @@ class ConnectionPool:
         now = trio.current_time()
         while idle:
             conn = idle.pop()
-            if not conn.broken and now - conn.last_used < POOL_IDLE_S:
+            if not conn.broken and now - conn.last_used < POOL_IDLE_S and not _peer_gone(conn):
                 return conn
             await conn.aclose()
         return await Connection.open(addr, self.role, self.credentials)
@@ -187,14 +188,32 @@ class ConnectionPool:
         self._idle.clear()
 
 
+def _socket(conn: Connection) -> Any:
+    stream: object = conn.frames.stream
+    while hasattr(stream, "transport_stream"):  # a TLS stream wraps the socket stream
+        stream = stream.transport_stream
+    return getattr(stream, "socket", None)
+
+
+def _peer_gone(conn: Connection) -> bool:
+    """Whether an idle connection's peer has closed it (it restarted, or timed us out): a
+    request sent on it would fail, and a keeper that is alive again would look dead."""
+    sock = _socket(conn)
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP)
+    return any(
+        events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        for _, events in poller.poll(0)
+    )
+
+
 def _close_later(conn: Connection) -> None:
     """Close without awaiting: a closed socket needs no orderly goodbye, and the caller may be
     in a cancelled scope where awaiting would raise."""
     conn.broken = True
-    stream: object = conn.frames.stream
-    while hasattr(stream, "transport_stream"):  # a TLS stream wraps the socket stream
-        stream = stream.transport_stream
-    sock = getattr(stream, "socket", None)
+    sock = _socket(conn)
     if sock is not None:
         sock.close()
 

@@ -57,6 +57,7 @@ import trio
 
 from cluster.client import Attr, ChunkInfo, Client, FileChunks, Placement
 from cluster.errors import DfsError, Unavailable
+from dfsmount import patches
 from dfsmount.buffers import ChunkBuffer, DirtyBudget
 from dfsmount.chunkcache import ChunkCache
 
@@ -111,6 +112,7 @@ class FileState:
         self.pending: dict[int, ChunkInfo] = {}
         self.unsynced: dict[int, ChunkInfo] = {}
         self.sync_known = False
+        self.recent: dict[int, patches.Recent] = {}  # what the last patch of a chunk sent
         self.writes = 0  # writes accepted so far
         self.committed_writes = 0  # writes covered by the last commit
         # Where chunk 0 of a file this mount just created goes (allocated with the create),
@@ -248,6 +250,10 @@ class FileState:
         extra = 0
         try:
             base = self.latest(buf.index)
+            info = await self._try_patch(buf, base, upload.sync) if base is not None else None
+            if info is not None:
+                self._stored(info, upload.sync)
+                return
             if base is not None and not buf.covers(0, min(base.length, self.chunk_size)):
                 stored = await self.cache.chunks.get(base)
                 before = len(buf.data)
@@ -264,11 +270,8 @@ class FileState:
             info = await self.cache.client.write_chunk(
                 self.ino, buf.index, buf.data, placement, sync=upload.sync
             )
-            self.pending[buf.index] = info
-            if upload.sync:
-                self.unsynced.pop(buf.index, None)  # a newer version, on the disk
-            else:
-                self.unsynced[buf.index] = info
+            self._stored(info, upload.sync)
+            self.recent.pop(buf.index, None)
             self.cache.chunks.put(info, buf.data)
         except DfsError as exc:
             self._fail(buf.index, exc)
@@ -280,6 +283,40 @@ class FileState:
             self.cache.uploading_bytes -= accounted
             self.cache.budget.release(accounted + extra)
             upload.done.set()
+
+    def _stored(self, info: ChunkInfo, synced: bool) -> None:
+        self.pending[info.index] = info
+        if synced:
+            self.unsynced.pop(info.index, None)  # a newer version, on the disk
+        else:
+            self.unsynced[info.index] = info
+
+    async def _try_patch(self, buf: ChunkBuffer, base: ChunkInfo, sync: bool) -> ChunkInfo | None:
+        """Store `buf` as a patch over the committed `base` if that is worth it (patches.py);
+        None if it is not, or if it failed (the caller then writes the whole chunk)."""
+        if self.remote is None or self.remote.get(buf.index) is not base:
+            return None  # only over a committed version, which the keepers know as such
+        todo = patches.plan(buf, base)
+        if todo is None:
+            return None
+        try:
+            sums, payload, sent = await patches.build(
+                buf, base, todo, self.recent.get(buf.index), self.cache.chunks, self.cache.client
+            )
+            info = await self.cache.client.write_patch(
+                self.ino, base, todo.length, sums, todo.blocks, payload, sync=sync
+            )
+        except DfsError as exc:
+            log.info(
+                "inode %d chunk %d: patch not taken (%s); writing it whole",
+                self.ino,
+                buf.index,
+                exc,
+            )
+            self.recent.pop(buf.index, None)
+            return None
+        self.recent[buf.index] = patches.Recent(info.version, sums, sent)
+        return info
 
     def _fail(self, index: int, exc: DfsError) -> None:
         log.warning("inode %d: chunk %d could not be stored: %s", self.ino, index, exc)
@@ -405,6 +442,7 @@ class FileState:
         """Mirror the tracker's truncate in the chunk map: chunks past `size` are gone, the
         one across it is shorter (reads as zeros past its new length)."""
         self.size = size
+        self.recent.clear()  # the tracker shortened chunks: their keepers' copies did not
         if self.remote is None or not self.chunk_size:
             return
         for index, info in list(self.remote.items()):

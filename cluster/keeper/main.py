@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import os
 import signal
 import sys
 import uuid
@@ -55,8 +56,17 @@ def keeper_id(data_dir: Path) -> str:
         return path.read_text().strip()
     value = uuid.uuid4().hex
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(value + "\n")
+    with open(tmp, "w") as out:
+        out.write(value + "\n")
+        out.flush()
+        os.fsync(out.fileno())
     tmp.rename(path)
+    # On the disk before any chunk is: after a power cut the keeper must come back as itself.
+    fd = os.open(data_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return value
 
 
@@ -86,6 +96,7 @@ async def _run(settings: dict[str, Any], credentials: Credentials) -> None:
             nursery.start_soon(replicator.run, name="replicator")
             nursery.start_soon(scrubber.run, name="scrubber")
             nursery.start_soon(store.write_back, name="write-back")
+            nursery.start_soon(store.compact_loop, name="compaction")
             if settings["metrics"]:
                 _register_gauges(store, scrubber, server)
                 metrics.start(settings["metrics"])

@@ -8,6 +8,7 @@ as failed rather than failing the whole write.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import trio
@@ -37,7 +38,7 @@ class KeeperServer:
     async def handle(
         self, msg: m.Message, payload: bytearray, peer: str
     ) -> tuple[m.Message, Payload]:
-        if isinstance(msg, m.PutChunk):
+        if isinstance(msg, m.PutChunk | m.PatchChunk):
             reply = await self.put_chunk(msg, payload)
             PAYLOADS.give(payload)  # stored and forwarded: no view of it is left
             return reply, b""
@@ -48,7 +49,8 @@ class KeeperServer:
             return m.OkReply(), b""
         raise InvalidArgument(f"a keeper does not serve {type(msg).__name__}")
 
-    async def put_chunk(self, msg: m.PutChunk, data: bytearray) -> m.PutChunkReply:
+    async def put_chunk(self, msg: m.PutChunk | m.PatchChunk, data: bytearray) -> m.PutChunkReply:
+        """Store a whole chunk or a patch here while sending it down the rest of the chain."""
         check_ids(msg.chunk_id, msg.version)
         downstream: list[m.PutChunkReply] = []
 
@@ -57,13 +59,7 @@ class KeeperServer:
                 with trio.fail_after(FORWARD_TIMEOUT_S):
                     reply, _ = await self.peers.call(
                         msg.forward[0],
-                        m.PutChunk(
-                            chunk_id=msg.chunk_id,
-                            version=msg.version,
-                            checksums=msg.checksums,
-                            forward=msg.forward[1:],
-                            sync=msg.sync,
-                        ),
+                        dataclasses.replace(msg, forward=msg.forward[1:]),
                         m.PutChunkReply,
                         data,
                     )
@@ -83,9 +79,21 @@ class KeeperServer:
             if msg.forward:
                 nursery.start_soon(forward)
             try:
-                await self.store.write(
-                    msg.chunk_id, msg.version, data, msg.checksums, sync=msg.sync
-                )
+                if isinstance(msg, m.PatchChunk):
+                    await self.store.patch(
+                        msg.chunk_id,
+                        msg.base_version,
+                        msg.version,
+                        msg.length_bytes,
+                        msg.checksums,
+                        msg.blocks,
+                        data,
+                        sync=msg.sync,
+                    )
+                else:
+                    await self.store.write(
+                        msg.chunk_id, msg.version, data, msg.checksums, sync=msg.sync
+                    )
             except DfsError as exc:
                 local_error = exc  # raised outside the nursery, as itself, not in a group
         if local_error is not None:

@@ -331,12 +331,38 @@ class Tracker:
         return [row.idx, row.chunk_id, row.version, row.length, row.digest, self._addrs(row)]
 
     async def allocate_chunk(self, msg: m.AllocateChunk, peer: str) -> m.Message:
-        reply = self._allocate(self.namespace.inode(msg.ino), msg.index, msg.exclude)
-        if reply.version > 1:
-            # A new version of a chunk that exists: after a power loss, the version counter
-            # must not hand this number out again (fresh ids are protected by the store).
-            await self.durable.sync()
+        inode = self.namespace.inode(msg.ino)
+        if msg.base_version:
+            reply = self._allocate_patch(inode, msg.index, msg.base_version)
+        else:
+            reply = self._allocate(inode, msg.index, msg.exclude)
+        # No fsync here: after a power loss the store makes every chunk's versions jump (as it
+        # does ids), so a version handed out now is never handed out again.
         return reply
+
+    def _allocate_patch(self, inode: Inode, index: int, base_version: int) -> m.AllocateReply:
+        """A new version of chunk `index` written as a patch over its committed version
+        `base_version`: it goes to the live keepers that hold that version, which alone can
+        apply it."""
+        chunk_bytes = inode.chunk_size or self.chunk_size
+        with self.store.transaction():
+            current = self.store.chunk_for(inode.ino, index)
+            if current is None or current.version != base_version:
+                raise StaleChunk(f"chunk {index} of inode {inode.ino} is not at v{base_version}")
+            writable = {k.addr for k in self.registry.writable()}
+            holders = [addr for addr in self._addrs(current) if addr in writable]
+            if not holders:
+                raise StaleChunk(
+                    f"no writable keeper holds chunk {current.chunk_id} v{base_version}"
+                )
+            version = self.store.next_version(current.chunk_id)
+            self.store.add_allocation(current.chunk_id, version, inode.ino, index)
+        return m.AllocateReply(
+            chunk_id=current.chunk_id,
+            version=version,
+            keepers=holders[: self._copies(inode)],
+            chunk_size_bytes=chunk_bytes,
+        )
 
     def _allocate(
         self, inode: Inode, index: int, exclude: list[str], *, reserve: bool = True

@@ -36,6 +36,10 @@ ROOT_INO = 1
 # How far inode numbers, directory cookies and chunk ids jump after an unclean stop: far more
 # than a tracker hands out in the second of commits such a stop can lose.
 SKIP_AFTER_CRASH = 1 << 20
+# How far each chunk's version jumps at its first allocation after an unclean stop: far more
+# versions than one chunk is given in the second of commits such a stop can lose (a log
+# appended to with O_DSYNC gets a version per write), and versions are 32 bits.
+VERSION_SKIP_AFTER_CRASH = 1 << 16
 
 SCHEMA = """
 -- One row per file, directory, symlink, FIFO or device node.
@@ -259,6 +263,8 @@ class SqliteStore:
         self._depth = 0
         self._wal_path = Path(f"{path}-wal")
         self._wal_fd: int | None = None
+        self._version_skip = 0
+        self._skipped: set[int] = set()  # chunks whose version jumped since the start
         self._migrate()
         if self.get_inode(ROOT_INO) is None:
             now = time.time_ns()
@@ -293,6 +299,10 @@ class SqliteStore:
                     " WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = ?)",
                     (table, table),
                 )
+            # Versions are per chunk: each jumps at its first allocation (next_version).
+            # (A new database has no versions to protect.)
+            unclean = row is not None and row[0] != 1
+            self._version_skip = VERSION_SKIP_AFTER_CRASH if unclean else 0
             if row is None or row[0] != 1:
                 self.db.execute(
                     "UPDATE sqlite_sequence SET seq = seq + ? WHERE name IN ('inodes', 'dentries')",
@@ -534,6 +544,11 @@ class SqliteStore:
             self.top_allocated_version(chunk_id),
             self.committed_version(chunk_id) or 0,
         )
+        if self._version_skip and chunk_id not in self._skipped:
+            # The versions handed out in the last second before an unclean stop may be lost
+            # here while keepers hold them: never hand them out again.
+            self._skipped.add(chunk_id)
+            top += self._version_skip
         self.db.execute(
             "INSERT OR REPLACE INTO chunk_versions (chunk_id, top) VALUES (?, ?)",
             (chunk_id, top + 1),

@@ -10,7 +10,12 @@ import trio
 
 from cluster.tracker.durability import BACKGROUND_SYNC_S, GroupSync
 from cluster.tracker.namespace import Namespace
-from cluster.tracker.store import ROOT_INO, SKIP_AFTER_CRASH, SqliteStore
+from cluster.tracker.store import (
+    ROOT_INO,
+    SKIP_AFTER_CRASH,
+    VERSION_SKIP_AFTER_CRASH,
+    SqliteStore,
+)
 
 FILE = stat.S_IFREG | 0o644
 
@@ -49,6 +54,30 @@ def test_ids_go_on_after_a_clean_stop(tmp_path: Path) -> None:
     _crash(store)
     store = SqliteStore(tmp_path / "meta.db")
     assert _new_ids(store, b"c")[0] > ino + SKIP_AFTER_CRASH
+    store.close()
+
+
+def _version(store: SqliteStore, chunk_id: int) -> int:
+    with store.transaction():
+        return store.next_version(chunk_id)
+
+
+def test_chunk_versions_jump_after_an_unclean_stop(tmp_path: Path) -> None:
+    """Allocations are not fsynced (a new version of a chunk is handed out many times a second
+    to a log written with O_DSYNC): a version lost with the last second of commits must still
+    never be handed out again."""
+    store = SqliteStore(tmp_path / "meta.db")
+    first = [_version(store, 7) for _ in range(3)]
+    assert first == [1, 2, 3]
+    _crash(store)
+    store = SqliteStore(tmp_path / "meta.db")
+    after = _version(store, 7)
+    assert after > 3 + VERSION_SKIP_AFTER_CRASH - 1
+    assert _version(store, 7) == after + 1  # one jump per chunk, then one by one
+    assert _version(store, 8) > VERSION_SKIP_AFTER_CRASH  # a chunk first seen now jumps too
+    store.close()
+    store = SqliteStore(tmp_path / "meta.db")
+    assert _version(store, 7) == after + 2  # a clean stop: no jump
     store.close()
 
 
