@@ -24,6 +24,11 @@ def block_count(length: int) -> int:
     return (length + BLOCK_SIZE - 1) // BLOCK_SIZE
 
 
+def block_length(length: int, index: int) -> int:
+    """Bytes of block `index` in a chunk of `length` bytes (0 past its end)."""
+    return max(0, min(BLOCK_SIZE, length - index * BLOCK_SIZE))
+
+
 def block_checksums(data: Buffer) -> bytes:
     """The packed xxh3_64 of every block of `data`."""
     view = memoryview(data)

@@ -637,11 +637,7 @@ class Client:
                 sync=sync,
             )
             try:
-                async with self.transfers:
-                    with trio.fail_after(self.io_timeout_s + len(data) / (20 << 20)):
-                        reply, _ = await self.pool.call(
-                            alloc.keepers[0], request, m.PutChunkReply, data
-                        )
+                reply = await self._send_chunk(alloc.keepers[0], request, data)
             except (DfsError, trio.TooSlowError) as exc:
                 last_error = exc
                 exclude.append(alloc.keepers[0])
@@ -718,11 +714,7 @@ class Client:
             sync=sync,
         )
         try:
-            async with self.transfers:
-                with trio.fail_after(self.io_timeout_s + len(data) / (20 << 20)):
-                    reply, _ = await self.pool.call(
-                        alloc.keepers[0], request, m.PutChunkReply, data
-                    )
+            reply = await self._send_chunk(alloc.keepers[0], request, data)
         except (DfsError, trio.TooSlowError) as exc:
             self.pool.drop(alloc.keepers[0])
             await self.abandon([written])
@@ -734,6 +726,19 @@ class Client:
             await self.abandon([written])
             raise Unavailable(f"only {reply.stored or 'no keeper'} took the patch")
         return written
+
+    async def _send_chunk(
+        self,
+        addr: str,
+        request: m.PutChunk | m.PatchChunk,
+        data: bytes | bytearray | memoryview,
+    ) -> m.PutChunkReply:
+        """Send a whole chunk or a patch to the first keeper of its chain, within a transfer
+        slot and a timeout that grows with the bytes sent."""
+        async with self.transfers:
+            with trio.fail_after(self.io_timeout_s + len(data) / (20 << 20)):
+                reply, _ = await self.pool.call(addr, request, m.PutChunkReply, data)
+        return reply
 
     async def _allocate(self, ino: int, index: int, exclude: list[str]) -> m.AllocateReply:
         """A placement; while the tracker knows no live keeper (just restarted, or every keeper

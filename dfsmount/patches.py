@@ -26,10 +26,6 @@ SUM = checksum.CHECKSUM_SIZE
 MAX_PATCH_FRACTION = 0.5
 
 
-def block_length(length: int, index: int) -> int:
-    return max(0, min(BLOCK, length - index * BLOCK))
-
-
 @dataclass
 class Recent:
     """The checksums of the version this file last stored for one chunk, and the bytes of
@@ -59,7 +55,9 @@ def plan(buf: ChunkBuffer, base: ChunkInfo) -> Plan | None:
     # Blocks whose length changes (the base's partial last block when the chunk grows, and
     # everything past the base's end) carry new bytes too.
     changed.update(
-        b for b in range(count) if block_length(length, b) != block_length(base.length, b)
+        b
+        for b in range(count)
+        if checksum.block_length(length, b) != checksum.block_length(base.length, b)
     )
     if len(changed) > count * MAX_PATCH_FRACTION:
         return None
@@ -83,7 +81,7 @@ async def build(
         b
         for b in todo.blocks
         if b * BLOCK < base.length
-        and not buf.covers(b * BLOCK, b * BLOCK + block_length(todo.length, b))
+        and not buf.covers(b * BLOCK, b * BLOCK + checksum.block_length(todo.length, b))
         and (recent is None or b not in recent.blocks)
     ]
     base_sums = recent.checksums if recent is not None else None
@@ -107,7 +105,7 @@ async def build(
     sums.extend(bytes(count * SUM - len(sums)))
     sent: dict[int, bytes] = {}
     for b in todo.blocks:
-        out = bytearray(block_length(todo.length, b))
+        out = bytearray(checksum.block_length(todo.length, b))
         old = fetched.get(b)
         if old is None and recent is not None:
             old = recent.blocks.get(b)

@@ -102,11 +102,6 @@ def data_offset(length: int) -> int:
     return (head + PAGE - 1) // PAGE * PAGE
 
 
-def block_length(length: int, index: int) -> int:
-    """Bytes of block `index` in a chunk of `length` bytes."""
-    return max(0, min(checksum.BLOCK_SIZE, length - index * checksum.BLOCK_SIZE))
-
-
 @dataclass(frozen=True, slots=True)
 class ChunkSpan:
     length: int  # the chunk's whole length
@@ -140,7 +135,7 @@ class Layout:
         out: list[tuple[FileKey, int, int]] = []
         for i in range(first, stop):
             where, offset = self.blocks[i]
-            size = block_length(self.length, i)
+            size = checksum.block_length(self.length, i)
             if out and out[-1][0] == where and out[-1][1] + out[-1][2] == offset:
                 out[-1] = (where, out[-1][1], out[-1][2] + size)
             else:
@@ -391,7 +386,7 @@ class ChunkStore:
             raise ChecksumMismatch("checksum list does not fit the length")
         if any(not 0 <= b < count for b in blocks) or blocks != sorted(set(blocks)):
             raise InvalidArgument("patch blocks must be ascending block numbers of the chunk")
-        if len(data) != sum(block_length(length, b) for b in blocks):
+        if len(data) != sum(checksum.block_length(length, b) for b in blocks):
             raise InvalidArgument("patch payload does not match its blocks")
         self._check_room(PAGE + len(data))
         await trio.to_thread.run_sync(
@@ -415,7 +410,7 @@ class ChunkStore:
         size = checksum.CHECKSUM_SIZE
         pos = 0
         for b in blocks:
-            piece = view[pos : pos + block_length(length, b)]
+            piece = view[pos : pos + checksum.block_length(length, b)]
             if checksum.verify_blocks(piece, sums[b * size : (b + 1) * size]) is not None:
                 raise ChecksumMismatch(f"chunk {chunk_id:x}: patched block {b} arrived corrupt")
             pos += len(piece)
@@ -424,7 +419,7 @@ class ChunkStore:
             if b in sent:
                 continue
             if (
-                block_length(length, b) != block_length(base.length, b)
+                checksum.block_length(length, b) != checksum.block_length(base.length, b)
                 or sums[b * size : (b + 1) * size] != base.checksums[b * size : (b + 1) * size]
             ):
                 raise InvalidArgument(f"block {b} changed from the base but is not in the patch")
@@ -522,7 +517,9 @@ class ChunkStore:
         blocks = []
         for b, slot in enumerate(slots):
             if slot == NO_SLOT:
-                if b >= len(base.blocks) or block_length(length, b) != block_length(base.length, b):
+                if b >= len(base.blocks) or checksum.block_length(
+                    length, b
+                ) != checksum.block_length(base.length, b):
                     raise ChecksumMismatch(f"block {b} is neither in the patch nor the base")
                 blocks.append(base.blocks[b])
             elif slot >= nslots:
