@@ -32,10 +32,14 @@ COMPARED = [
     "create_ops",
     "stat_ops",
     "unlink_ops",
+    "small_append_s",
+    "small_random_s",
+    "small_sqlite_s",
     "cli_put_mbs",
     "cli_get_mbs",
 ]
 DFS_ONLY = [
+    "small_random_disk_bytes",
     "mount_rss_mib",
     "tracker_rss_mib",
     "keeper0_rss_mib",
@@ -95,6 +99,6 @@ def test_quick_run_reports_every_row(tmp_path: Path) -> None:
         assert positive(row["dfs"]), (key, row)
         assert (row["memfs"], row["ext4"]) == (None, None), (key, row)
     for row in report["rows"]:
-        assert row["unit"] in {"MB/s", "files/s", "ops/s", "s", "MiB"}, row
+        assert row["unit"] in {"MB/s", "files/s", "ops/s", "s", "MiB", "B/copy"}, row
         assert row["workload"] in result.stdout  # the table has every row
     assert report["namespace"]["files"] == NAMESPACE_FILES
