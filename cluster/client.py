@@ -53,6 +53,8 @@ ROOT_INO = 1
 READDIR_PAGE = 1000
 # How often a write retries with a fresh placement before giving up.
 WRITE_ATTEMPTS = 4
+# Writes up to this size go to every copy at once rather than down a pipeline (`_send_chunk`).
+FANOUT_MAX_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -636,18 +638,10 @@ class Client:
                 forward=alloc.keepers[1:],
                 sync=sync,
             )
-            try:
-                reply = await self._send_chunk(alloc.keepers[0], request, data)
-            except (DfsError, trio.TooSlowError) as exc:
-                last_error = exc
-                exclude.append(alloc.keepers[0])
-                self.pool.drop(alloc.keepers[0])
-                log.warning(
-                    "chunk %d: writing to %s failed (%s), asking for another placement",
-                    alloc.chunk_id,
-                    alloc.keepers[0],
-                    exc or "timeout",
-                )
+            reply, error = await self._send_chunk(alloc.keepers, request, data)
+            if error is not None:
+                last_error = error
+                exclude.extend(a for a in reply.failed if a not in exclude)
                 continue
             written = ChunkInfo(
                 index,
@@ -686,15 +680,20 @@ class Client:
         data: bytes | bytearray | memoryview,
         *,
         sync: bool = True,
+        placement: Placement | None = None,
     ) -> ChunkInfo:
         """Store a new version of `base`'s chunk as the changed `blocks` only (their bytes back
         to back in `data`; `checksums` of every block of the new version), on the keepers
-        that hold `base`. Raises if that cannot be done (the base moved on, a keeper lacks
+        that hold `base` (`placement`: a spare from `commit_with_spares` after `base`, else
+        one asked for now). Raises if that cannot be done (the base moved on, a keeper lacks
         it, too few copies took it): the caller then writes the whole chunk instead."""
-        alloc = await self._tracker(
-            m.AllocateChunk(ino=ino, index=base.index, base_version=base.version),
-            m.AllocateReply,
-        )
+        if placement is not None and placement.chunk_id == base.chunk_id:
+            alloc = placement.as_allocation()
+        else:
+            alloc = await self._tracker(
+                m.AllocateChunk(ino=ino, index=base.index, base_version=base.version),
+                m.AllocateReply,
+            )
         written = ChunkInfo(
             base.index,
             alloc.chunk_id,
@@ -713,14 +712,10 @@ class Client:
             forward=alloc.keepers[1:],
             sync=sync,
         )
-        try:
-            reply = await self._send_chunk(alloc.keepers[0], request, data)
-        except (DfsError, trio.TooSlowError) as exc:
-            self.pool.drop(alloc.keepers[0])
+        reply, error = await self._send_chunk(alloc.keepers, request, data)
+        if error is not None:
             await self.abandon([written])
-            raise Unavailable(
-                f"patch of chunk {alloc.chunk_id} failed: {exc or 'timeout'}"
-            ) from None
+            raise Unavailable(f"patch of chunk {alloc.chunk_id} failed: {error or 'timeout'}")
         written = dataclasses.replace(written, keepers=tuple(reply.stored))
         if len(reply.stored) < min(2, len(alloc.keepers)):
             await self.abandon([written])
@@ -729,16 +724,59 @@ class Client:
 
     async def _send_chunk(
         self,
-        addr: str,
+        keepers: list[str],
         request: m.PutChunk | m.PatchChunk,
         data: bytes | bytearray | memoryview,
-    ) -> m.PutChunkReply:
-        """Send a whole chunk or a patch to the first keeper of its chain, within a transfer
-        slot and a timeout that grows with the bytes sent."""
+    ) -> tuple[m.PutChunkReply, DfsError | trio.TooSlowError | None]:
+        """Store a whole chunk or a patch on `keepers`, within one transfer slot and a timeout
+        that grows with the bytes sent. Returns the copies stored and failed, and the first
+        error if none was stored (None otherwise); it never raises for a keeper's failure.
+
+        Up to FANOUT_MAX_BYTES the copies are sent to every keeper at once, each told to
+        forward nothing: a small write then waits for the slowest keeper, not for the sum of
+        the hops down a pipeline. Bigger writes go down the pipeline (keepers[0] forwards to
+        the next as it writes), so the writer sends the bytes once.
+        """
+        timeout = self.io_timeout_s + len(data) / (20 << 20)
+        if len(data) > FANOUT_MAX_BYTES or len(keepers) < 2:
+            targets = [(keepers[0], dataclasses.replace(request, forward=keepers[1:]))]
+        else:
+            targets = [(addr, dataclasses.replace(request, forward=[])) for addr in keepers]
+        stored: list[str] = []
+        failed: list[str] = []
+        errors: list[DfsError | trio.TooSlowError] = []
+
+        async def one(addr: str, request: m.PutChunk | m.PatchChunk) -> None:
+            try:
+                with trio.fail_after(timeout):
+                    reply, _ = await self.pool.call(addr, request, m.PutChunkReply, data)
+            except (DfsError, trio.TooSlowError) as exc:
+                self.pool.drop(addr)
+                errors.append(exc)
+                failed.extend([addr, *request.forward])
+                log.warning(
+                    "chunk %d v%d: storing on %s failed: %s",
+                    request.chunk_id,
+                    request.version,
+                    addr,
+                    exc or "timeout",
+                )
+                return
+            stored.extend(reply.stored)
+            failed.extend(reply.failed)
+
         async with self.transfers:
-            with trio.fail_after(self.io_timeout_s + len(data) / (20 << 20)):
-                reply, _ = await self.pool.call(addr, request, m.PutChunkReply, data)
-        return reply
+            if len(targets) == 1:
+                await one(*targets[0])
+            else:
+                async with trio.open_nursery() as nursery:
+                    for addr, sub in targets:
+                        nursery.start_soon(one, addr, sub)
+        # In the order of the placement, whichever reply came first.
+        order = {addr: i for i, addr in enumerate(keepers)}
+        stored.sort(key=lambda a: order.get(a, len(order)))
+        reply = m.PutChunkReply(stored=stored, failed=failed)
+        return reply, (errors[0] if errors and not stored else None)
 
     async def _allocate(self, ino: int, index: int, exclude: list[str]) -> m.AllocateReply:
         """A placement; while the tracker knows no live keeper (just restarted, or every keeper
@@ -773,15 +811,38 @@ class Client:
     ) -> Attr:
         """Publish written chunk versions and the file size atomically; with `sync`, return
         once the commit is on the tracker's disk (else once it is committed)."""
-        return await self._attr(
+        attr, _ = await self.commit_with_spares(ino, size_bytes, chunks, mtime_ns, sync=sync)
+        return attr
+
+    async def commit_with_spares(
+        self,
+        ino: int,
+        size_bytes: int,
+        chunks: list[ChunkInfo],
+        mtime_ns: int | None = None,
+        *,
+        sync: bool = True,
+        spares: bool = False,
+    ) -> tuple[Attr, dict[int, Placement]]:
+        """`commit`; with `spares`, also a next version of each chunk committed, by index,
+        allocated on its holders: `write_patch` takes it and needs no AllocateChunk. Give
+        back the ones left unused with `release_files`."""
+        reply = await self._tracker(
             m.CommitChunks(
                 ino=ino,
                 size_bytes=size_bytes,
                 mtime_ns=time.time_ns() if mtime_ns is None else mtime_ns,
                 chunks=[c.to_wire() for c in chunks],
                 sync=sync,
-            )
+                spares=spares,
+            ),
+            m.AttrReply,
         )
+        placements = {
+            int(index): Placement.from_wire([chunk_id, version, keepers])
+            for index, chunk_id, version, keepers in reply.spares or ()
+        }
+        return Attr.from_wire(reply.attr), placements
 
     async def sync_chunks(self, chunks: list[ChunkInfo]) -> None:
         """Have every keeper that holds one of `chunks` fsync it (those stored without

@@ -10,6 +10,8 @@ import logging
 import os
 import sys
 
+from cluster import trace
+
 _PRIORITY = {
     logging.DEBUG: 7,
     logging.INFO: 6,
@@ -25,6 +27,8 @@ class JournalFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, role: str) -> None:
+    """Log to stderr at `level`; also start tracing if DFS_TRACE asks for it (trace.py)."""
+    trace.start(role)
     handler = logging.StreamHandler(sys.stderr)
     if os.environ.get("JOURNAL_STREAM"):
         handler.setFormatter(JournalFormatter(f"{role}: %(name)s: %(message)s"))

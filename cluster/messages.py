@@ -76,6 +76,8 @@ class MsgType(IntEnum):
     FSCK_REPLY = 73
     SET_REPLICATION = 74
     DECOMMISSION = 75
+    DISK_USAGE = 76
+    DISK_USAGE_REPLY = 77
     # keeper -> tracker
     REGISTER_KEEPER = 80
     HEARTBEAT = 81
@@ -456,6 +458,10 @@ class AttrReply(Message):
     # For an OpenFile of a file of at most a few chunks: its chunk records (as in ChunksReply),
     # so that reading a small file takes no GetChunks.
     chunks: list[list[Any]] | None = None
+    # For a CommitChunks with `spares`: per committed chunk, a next version allocated at once
+    # on the keepers that hold it, [index, chunk_id, version, [keeper addrs]], so that the
+    # next synced write of that chunk (a log, a database page) patches it with no AllocateChunk.
+    spares: list[list[Any]] | None = None
 
 
 @message
@@ -628,6 +634,8 @@ class CommitChunks(Message):
     # Answer once the commit is in the fsynced WAL (fsync, `dfs put`); without it, once it is
     # committed (in the WAL, safe from a tracker crash: `close`).
     sync: bool = True
+    # Allocate a next version of each chunk committed (AttrReply.spares).
+    spares: bool = False
 
 
 @message
@@ -740,6 +748,32 @@ class Decommission(Message):
     cancel: bool = False
 
 
+@message
+@dataclass(frozen=True, slots=True)
+class DiskUsage(Message):
+    """`dfs du`: the totals of the tree at `path`, from the counters the tracker keeps per
+    directory (no walk)."""
+
+    TYPE = MsgType.DISK_USAGE
+    path: bytes
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class DiskUsageReply(Message):
+    """Counted per name (a file with two hard links in the tree counts twice): `files` are
+    non-directories, `dirs` directories including `path` itself, `size_bytes` the sizes of
+    the regular files, `chunks` their committed chunks, `stored_bytes` the bytes in those."""
+
+    TYPE = MsgType.DISK_USAGE_REPLY
+    ino: int
+    files: int
+    dirs: int
+    size_bytes: int
+    chunks: int
+    stored_bytes: int
+
+
 # --- keeper -> tracker -------------------------------------------------------------------------
 
 # A chunk held by a keeper: [chunk_id, version]
@@ -770,12 +804,18 @@ class RegisterReply(Message):
 @message
 @dataclass(frozen=True, slots=True)
 class Heartbeat(Message):
+    """Free space, the chunks added and removed since the last beat, and the chunk bytes the
+    keeper has sent (`read_bytes`: reads and copies served) and received (`written_bytes`:
+    writes, patches and copies stored) since it started, for the tracker's history."""
+
     TYPE = MsgType.HEARTBEAT
     keeper_id: str
     capacity_bytes: int
     used_bytes: int
     added: list[HeldChunk] = field(default_factory=list)
     removed: list[HeldChunk] = field(default_factory=list)
+    read_bytes: int = 0
+    written_bytes: int = 0
 
 
 @message

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from cluster import auth
+from cluster import auth, trace
 from cluster import messages as m
 from cluster.auth import Credentials
 from cluster.errors import AuthFailed, ConnectionLost, ProtocolError, error_from_wire
@@ -99,9 +99,10 @@ class Connection:
         request_id = next(_request_ids)
         async with self._lock:
             try:
-                await self.frames.send(request.to_wire(request_id), payload)
-                header, reply_payload = await self.frames.receive()
-                reply_id, reply = m.decode(header)
+                with trace.span(f"call {type(request).__name__} {self.addr}"):
+                    await self.frames.send(request.to_wire(request_id), payload)
+                    header, reply_payload = await self.frames.receive()
+                    reply_id, reply = m.decode(header)
             except BaseException as exc:
                 self.broken = True
                 if isinstance(exc, EOFError):

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import trio
 
-from cluster import auth, metrics
+from cluster import auth, metrics, trace
 from cluster import messages as m
 from cluster.auth import Credentials
 from cluster.errors import AuthFailed, DfsError, ProtocolError
@@ -213,7 +213,10 @@ async def _serve_connection(server: Server, stream: trio.abc.Stream, peer: str) 
                     answer: m.Message = m.Pong()
                 else:
                     try:
-                        answer, out_payload = await server.handler.handle(request, payload, peer)
+                        with trace.span(f"serve {name}"):
+                            answer, out_payload = await server.handler.handle(
+                                request, payload, peer
+                            )
                     except DfsError as exc:
                         answer = m.ErrorReply(code=exc.code, message=exc.message)
                         metrics.REQUEST_ERRORS.labels(role, name).inc()

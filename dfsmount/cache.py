@@ -119,6 +119,10 @@ class FileState:
         # and when it came: the tracker collects allocations left unused for gc_grace_s.
         self.first_chunk: Placement | None = None
         self.first_chunk_at = 0.0
+        # After a synced commit, a next version of each chunk committed, allocated on its
+        # holders (see `_flush_locked`): index -> (the version it follows, the spare, when).
+        self.spares: dict[int, tuple[tuple[int, int], Placement, float]] = {}
+        self.unused_spares: list[Placement] = []  # to give back at release
         self.error: DfsError | None = None
         self.error_reported = False  # `error` was raised to some caller (flush, write)
         self.lock = trio.Lock()
@@ -267,6 +271,8 @@ class FileState:
                 and trio.current_time() - self.first_chunk_at < PLACEMENT_FRESH_S
             ):
                 placement, self.first_chunk = self.first_chunk, None
+            elif base is not None:
+                placement = self._take_spare(base)  # its holders take a whole version too
             info = await self.cache.client.write_chunk(
                 self.ino, buf.index, buf.data, placement, sync=upload.sync
             )
@@ -299,12 +305,13 @@ class FileState:
         todo = patches.plan(buf, base)
         if todo is None:
             return None
+        spare = self._take_spare(base)
         try:
             sums, payload, sent = await patches.build(
                 buf, base, todo, self.recent.get(buf.index), self.cache.chunks, self.cache.client
             )
             info = await self.cache.client.write_patch(
-                self.ino, base, todo.length, sums, todo.blocks, payload, sync=sync
+                self.ino, base, todo.length, sums, todo.blocks, payload, sync=sync, placement=spare
             )
         except DfsError as exc:
             log.info(
@@ -317,6 +324,31 @@ class FileState:
             return None
         self.recent[buf.index] = patches.Recent(info.version, sums, sent)
         return info
+
+    def _take_spare(self, base: ChunkInfo) -> Placement | None:
+        """The spare version allocated after `base` was committed here, if it is still fresh
+        (one that is not is given back at release)."""
+        entry = self.spares.pop(base.index, None)
+        if entry is None:
+            return None
+        follows, spare, when = entry
+        if follows == (base.chunk_id, base.version) and (
+            trio.current_time() - when < PLACEMENT_FRESH_S
+        ):
+            return spare
+        self.unused_spares.append(spare)
+        return None
+
+    def unused_placements(self) -> list[Placement]:
+        """What this state was allocated and never wrote with, for the tracker to forget."""
+        unused = list(self.unused_spares)
+        unused += (spare for _, spare, _ in self.spares.values())
+        if self.first_chunk is not None:
+            unused.append(self.first_chunk)
+        self.unused_spares.clear()
+        self.spares.clear()
+        self.first_chunk = None
+        return unused
 
     def _fail(self, index: int, exc: DfsError) -> None:
         log.warning("inode %d: chunk %d could not be stored: %s", self.ino, index, exc)
@@ -372,7 +404,19 @@ class FileState:
         # A chunk uploaded meanwhile for a racing write may reach past the snapshot's size.
         for info in chunks:
             size = max(size, min(self.size, info.index * self.chunk_size + info.length))
-        attr = await self.cache.client.commit(self.ino, size, chunks, self.mtime_ns, sync=sync)
+        # A synced flush (fsync, O_DSYNC) is often one of many small ones: take a spare next
+        # version of each chunk, so that the next one patches it with no allocation trip.
+        attr, spares = await self.cache.client.commit_with_spares(
+            self.ino, size, chunks, self.mtime_ns, sync=sync, spares=sync
+        )
+        now = trio.current_time()
+        for info in chunks:
+            spare = spares.get(info.index)
+            if spare is not None:
+                old = self.spares.get(info.index)
+                if old is not None:
+                    self.unused_spares.append(old[1])
+                self.spares[info.index] = ((info.chunk_id, info.version), spare, now)
         self.cache.on_commit(attr)
         for info in chunks:
             if self.pending.get(info.index) is info:
@@ -568,13 +612,14 @@ class DataCache:
         state = self.files.get(ino)
         return state.local_attrs() if state is not None else None
 
-    def drop(self, ino: int) -> Placement | None:
+    def drop(self, ino: int) -> list[Placement]:
         """Forget an inode's state after its last release (anything unflushed is lost: the
-        release already tried to flush and logged why it could not). Returns the placement
-        from its create if nothing was written with it, for the tracker to forget."""
+        release already tried to flush and logged why it could not). Returns the placements
+        it was allocated and never wrote with (from its create, spares), for the tracker to
+        forget."""
         state = self.files.pop(ino, None)
         if state is None:
-            return None
+            return []
         if state.sync_known:
             # What a later fsync of the file must have synced (the keepers' write-back does it
             # within seconds anyway); bounded, oldest forgotten first.
@@ -590,7 +635,7 @@ class DataCache:
             # tracker's garbage grace period.
             self.nursery.start_soon(self._abandon, list(state.pending.values()))
             state.pending.clear()
-        return state.first_chunk
+        return state.unused_placements()
 
     async def _abandon(self, chunks: list[ChunkInfo]) -> None:
         try:

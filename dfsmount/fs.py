@@ -25,6 +25,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from cluster import trace
 from cluster.client import Attr, Client, DirEntry
 from cluster.errors import DfsError, NoData
 from cluster.xattrs import check_name as check_xattr_name
@@ -61,10 +62,13 @@ FALLOCATE_MODES = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RA
 def fuse_op(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """The error boundary of a FUSE handler (see the module docstring)."""
 
+    name = f"fuse {fn.__name__}"
+
     @functools.wraps(fn)
     async def handler(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            return await fn(*args, **kwargs)
+            with trace.span(name):
+                return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except DfsError as exc:
@@ -535,7 +539,7 @@ class Operations(pyfuse3.Operations):
                 else:  # nobody was told: only the log can say it
                     log.warning("inode %d: data written after the last flush is lost: %s", ino, exc)
             finally:
-                unused = self.data.drop(ino) if not self.handles.is_open(ino) else None
+                unused = self.data.drop(ino) if not self.handles.is_open(ino) else []
                 self.releases.put(ino, unused)
 
     # --- directories ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ that came with the create when nothing was written there (an empty file).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import trio
 
@@ -36,12 +37,11 @@ class ReleaseQueue:
         self._queued = trio.Event()
         self._sending = trio.Lock()  # a flush waits for the batch already on its way
 
-    def put(self, ino: int, unused: Placement | None = None) -> None:
-        """Give back one open of `ino` soon, and the placement its create got if nothing was
-        written with it; never blocks."""
+    def put(self, ino: int, unused: Sequence[Placement] = ()) -> None:
+        """Give back one open of `ino` soon, and the placements it was allocated and never
+        wrote with (from its create, spares); never blocks."""
         self._inos.append(ino)
-        if unused is not None:
-            self._unused.append(unused)
+        self._unused.extend(unused)
         self._queued.set()
 
     async def run(self) -> None:

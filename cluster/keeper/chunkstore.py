@@ -59,7 +59,7 @@ from pathlib import Path
 import trio
 import xxhash
 
-from cluster import checksum
+from cluster import checksum, trace
 from cluster.errors import ChecksumMismatch, InvalidArgument, NoSpace, NotFound
 from cluster.protocol import FileRegion
 
@@ -349,7 +349,8 @@ class ChunkStore:
             while written < len(view):
                 written += os.pwrite(fd, view[written:], offset + written)
             if sync:
-                os.fsync(fd)
+                with trace.span("fsync file"):
+                    os.fsync(fd)
         except OSError as exc:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -359,7 +360,8 @@ class ChunkStore:
         os.close(fd)
         os.rename(tmp, final)
         if sync:
-            _fsync_path(final.parent)
+            with trace.span("fsync dir"):
+                _fsync_path(final.parent)
         return final
 
     async def patch(
@@ -389,9 +391,18 @@ class ChunkStore:
         if len(data) != sum(checksum.block_length(length, b) for b in blocks):
             raise InvalidArgument("patch payload does not match its blocks")
         self._check_room(PAGE + len(data))
-        await trio.to_thread.run_sync(
-            self._patch_sync, chunk_id, base_version, version, length, checksums, blocks, data, sync
-        )
+        with trace.span("patch (with the thread hop)"):
+            await trio.to_thread.run_sync(
+                self._patch_sync,
+                chunk_id,
+                base_version,
+                version,
+                length,
+                checksums,
+                blocks,
+                data,
+                sync,
+            )
 
     def _patch_sync(
         self,

@@ -18,6 +18,7 @@ import logging
 
 import trio
 
+from cluster import trace
 from cluster.tracker.store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ class GroupSync:
             mark = self.store.changes()
             # Cancellation must not leave a half-known state: the fsync either ran or not,
             # and the mark only moves once it returned.
-            await trio.to_thread.run_sync(self.store.sync_to_disk, abandon_on_cancel=False)
+            with trace.span("wal fsync (with the thread hop)"):
+                await trio.to_thread.run_sync(self.store.sync_to_disk, abandon_on_cancel=False)
             self._synced = mark
             self.syncs += 1
 

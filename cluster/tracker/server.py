@@ -424,11 +424,27 @@ class Tracker:
             inode.ctime_ns = time.time_ns()
             self.store.update_inode(inode)
             inode = self.namespace.inode(msg.ino)  # read back: the stored bytes changed
+            spares = self._spares(inode, msg.chunks) if msg.spares else None
         for old in replaced:
             self.registry.queue_delete(old.chunk_id, old.version)
         if msg.sync:  # fsync, `dfs put`: on the disk; close: committed (in the WAL) is enough
             await self.durable.sync()
-        return m.AttrReply(attr=inode.as_list())
+        return m.AttrReply(attr=inode.as_list(), spares=spares)
+
+    def _spares(self, inode: Inode, chunks: list[Any]) -> list[list[Any]]:
+        """(transaction held) A next version of each chunk just committed, on its writable
+        holders, for the writer's next patch of it. Left unused, it is collected with every
+        other allocation after gc_grace_s, or given back at release."""
+        writable = {k.addr for k in self.registry.writable()}
+        spares: list[list[Any]] = []
+        for raw in chunks:
+            index, chunk_id, _, _, _, addrs = _chunk_record(raw, MAX_CHUNK_SIZE)
+            holders = [str(a) for a in addrs if str(a) in writable]
+            if holders:
+                version = self.store.next_version(chunk_id)
+                self.store.add_allocation(chunk_id, version, inode.ino, index)
+                spares.append([index, chunk_id, version, holders[: self._copies(inode)]])
+        return spares
 
     async def punch_chunks(self, msg: m.PunchChunks, peer: str) -> m.Message:
         inode, removal = self.namespace.punch(msg.ino, msg.first_index, msg.end_index)
