@@ -94,6 +94,16 @@ class Connection:
 
     async def call(self, request: m.Message, payload: Buffer = b"") -> tuple[m.Message, bytearray]:
         """Send one request and wait for its reply; raise the peer's DfsError if it failed."""
+        reply, reply_payload = await self.exchange(request, payload)
+        if isinstance(reply, m.ErrorReply):
+            raise error_from_wire(reply.code, reply.message)
+        return reply, reply_payload
+
+    async def exchange(
+        self, request: m.Message, payload: Buffer = b""
+    ) -> tuple[m.Message, bytearray]:
+        """Send one request and return its reply, an `ErrorReply` included: a request the
+        peer refused leaves the connection as good as before."""
         if self.broken:
             raise ConnectionLost(f"{self.addr}: connection is broken")
         request_id = next(_request_ids)
@@ -116,8 +126,6 @@ class Connection:
         if reply_id != request_id:
             self.broken = True
             raise ConnectionLost(f"{self.addr}: reply to another request")
-        if isinstance(reply, m.ErrorReply):
-            raise error_from_wire(reply.code, reply.message)
         return reply, reply_payload
 
     async def aclose(self) -> None:
@@ -148,9 +156,14 @@ class ConnectionPool:
     async def call(
         self, addr: str, request: m.Message, response: type[R], payload: Buffer = b""
     ) -> tuple[R, bytearray]:
-        """One request on a borrowed connection; the reply must be of type `response`."""
+        """One request on a borrowed connection; the reply must be of type `response`.
+        The peer's refusal (an ErrorReply: no such file, ...) is raised once the connection is
+        back in the pool: it is still good, and closing it would cost the next call a new
+        connection and handshake."""
         async with self.connection(addr) as conn:
-            reply, data = await conn.call(request, payload)
+            reply, data = await conn.exchange(request, payload)
+        if isinstance(reply, m.ErrorReply):
+            raise error_from_wire(reply.code, reply.message)
         if not isinstance(reply, response):
             raise ConnectionLost(f"{addr}: unexpected {reply.__class__.__name__}")
         return reply, data

@@ -10,8 +10,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from cluster import messages as m
 from cluster.auth import Credentials
+from cluster.errors import NotFound
 from cluster.rpc import ConnectionPool
 from tests.cluster_procs import BIN, ProcCluster
 from tests.conftest import random_file
@@ -64,3 +67,25 @@ def test_get_right_after_a_tracker_restart_waits_for_the_keepers(
             keeper.signal(signal.SIGCONT)
     assert get.wait(timeout=60) == 0, get.stderr.read() if get.stderr else ""
     assert filecmp.cmp(data, tmp_path / "out", shallow=False)
+
+
+async def test_a_refused_request_keeps_its_connection(cluster: ProcCluster) -> None:
+    """A request the peer answers with an error (no such name) leaves the connection good:
+    closing it made every failed lookup of a `cp`, `tar` or `git` pay for a new connection
+    and handshake."""
+    credentials = Credentials.from_settings(
+        {"secret_file": str(cluster.secret_file), "tls_ca": "", "tls_cert": "", "tls_key": ""}
+    )
+    pool = ConnectionPool("client", credentials)
+    try:
+        await pool.call(cluster.tracker_addr, m.Ping(), m.Pong)
+        (first,) = pool._idle[cluster.tracker_addr]
+        for _ in range(3):
+            with pytest.raises(NotFound):
+                await pool.call(
+                    cluster.tracker_addr, m.Lookup(parent=1, name=b"missing"), m.AttrReply
+                )
+            assert pool._idle[cluster.tracker_addr] == [first]
+            assert not first.broken
+    finally:
+        await pool.aclose()
