@@ -1,7 +1,7 @@
 """`make bench`: dfs against its ceiling and against ext4, all measured in the same run.
 
     python -m bench.run [--quick | --scale F] [--size-mb N] [--files N] [--creates N]
-                        [--namespace-files N] [--memfs-writeback] [--only big|small]
+                        [--namespace-files N] [--memfs-writeback] [--only big|src|small]
                         [--json PATH]
 
 What it does: starts a local cluster (a tracker and three keepers, replication 2, otherwise
@@ -28,6 +28,9 @@ The workload (sizes for the full run; `--quick` divides them by 16, `--scale` by
   would write to /dev/null) and `rm -rf` of it (seconds);
 - 5,000 empty files created in one directory (os.open + os.close), then stat-ed, then unlinked,
   one at a time (`bench.fileops`, ops/s);
+- source trees: `tar x` of an archive of 3,000 real source files (this Python's standard
+  library and installed packages, files of at most 64 KiB) then `sync`, `rm -rf` of the
+  unpacked tree (cold), and `git clone` of this repository (file://) then `sync` (seconds);
 - small synced writes (`bench.smallwrites`): 1,000 appends of 4 KiB with O_DSYNC, 300 writes
   of 4 KiB at random offsets of a 64 MiB file each followed by fsync, and 200 SQLite
   transactions of 50 rows in WAL mode (seconds); for dfs also the bytes the keepers wrote to
@@ -54,6 +57,7 @@ by PID, and the scratch directory is removed (unless `--keep`, or if an unmount 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -62,6 +66,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
@@ -97,6 +102,9 @@ HEARTBEAT_S = 2.0
 DEAD_AFTER_S = 30.0
 QUICK_SCALE = 1 / 16
 FILES_PER_DIR = 100
+# The repository `git clone` copies: this one.
+REPO = Path(__file__).resolve().parents[1]
+SKIPPED_DIRS = {"__pycache__", "site-packages", "dist-packages"}
 # Derived phase deadlines: a floor, plus the work at a rate far below anything acceptable.
 DEADLINE_FLOOR_S = 60.0
 DEADLINE_BYTES_PER_S = 4 * MB
@@ -112,6 +120,7 @@ class Sizes:
     appends: int = 1000
     random_writes: int = 300
     sqlite_txns: int = 200
+    src_files: int = 3000
 
     def scaled(self, scale: float) -> Sizes:
         return Sizes(
@@ -122,6 +131,7 @@ class Sizes:
             appends=max(20, round(self.appends * scale)),
             random_writes=max(20, round(self.random_writes * scale)),
             sqlite_txns=max(10, round(self.sqlite_txns * scale)),
+            src_files=max(50, round(self.src_files * scale)),
         )
 
     @property
@@ -213,7 +223,7 @@ class Bench:
 
     def make_sources(self) -> None:
         """The big file and the tree, random bytes, on the scratch disk."""
-        (self.scratch / "src").mkdir()
+        (self.scratch / "src").mkdir(exist_ok=True)
         with open(self.source, "wb") as out:
             left = self.sizes.big_bytes
             while left:
@@ -225,6 +235,40 @@ class Bench:
             if i % FILES_PER_DIR == 0:
                 d.mkdir(parents=True)
             (d / f"f{i:05d}").write_bytes(os.urandom(self.sizes.file_bytes))
+
+    @property
+    def source_archive(self) -> Path:
+        return self.scratch / "src" / "source.tar"
+
+    def make_source_archive(self) -> None:
+        """A tar of `src_files` real source files: this Python's standard library, then its
+        installed packages (files of at most 64 KiB, in name order)."""
+        chosen: list[str] = []
+        for top in (sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]):
+            for directory, subdirs, files in sorted(os.walk(top)):
+                subdirs[:] = sorted(d for d in subdirs if d not in SKIPPED_DIRS)
+                for name in sorted(files):
+                    path = os.path.join(directory, name)
+                    if (
+                        os.path.isfile(path)
+                        and not os.path.islink(path)
+                        and os.path.getsize(path) <= 64 * 1024
+                    ):
+                        chosen.append(path)
+                if len(chosen) >= self.sizes.src_files:
+                    break
+            if len(chosen) >= self.sizes.src_files:
+                break
+        chosen = chosen[: self.sizes.src_files]
+        if len(chosen) < self.sizes.src_files:
+            raise BenchError(f"only {len(chosen)} source files found for the archive")
+        listing = self.scratch / "src" / "source.list"
+        listing.write_text("".join(p.lstrip("/") + "\n" for p in chosen))
+        run_bounded(
+            ["tar", "-C", "/", "-cf", str(self.source_archive), "-T", str(listing)],
+            self.deadline(),
+            what="making the source archive",
+        )
 
     def warm(self, path: Path) -> None:
         """Read `path` (a file or a tree) so that the copy does not wait for its disk."""
@@ -239,8 +283,40 @@ class Bench:
         r: dict[str, float] = {}
         if self.args.only in ("", "big"):
             r |= self.run_big_and_tree(target, root, hooks)
+        if self.args.only in ("", "src"):
+            r |= self.run_source_trees(target, root)
         if self.args.only in ("", "small"):
             r |= self.run_small_writes(target, root, hooks)
+        return r
+
+    def run_source_trees(self, target: str, root: Path) -> dict[str, float]:
+        """What people do with source trees on a mounted file system: unpack an archive of
+        real source files, remove the tree, clone a real git repository (this one)."""
+        s, r = self.sizes, {}
+        unpacked, clone = root / "unpacked", root / "clone"
+        q = {name: shlex.quote(str(p)) for name, p in [("unpacked", unpacked), ("clone", clone)]}
+        deadline = self.deadline(s.src_files * 32 * 1024, s.src_files)
+        self.say(f"{target}: source trees")
+        self.phase = f"{target}: tar x of {s.src_files} source files"
+        self.warm(self.source_archive)
+        unpacked.mkdir()
+        archive = shlex.quote(str(self.source_archive))
+        untar = f"tar -C {q['unpacked']} -xf {archive} && sync"
+        r["src_untar_s"] = shell(untar, deadline, self.phase)
+        found = sum(len(files) for _, _, files in os.walk(unpacked))
+        if found != s.src_files:
+            raise BenchError(f"{target}: tar x made {found} of {s.src_files} files")
+        self.phase = f"{target}: rm -rf of the unpacked tree"
+        self.cold()
+        r["src_rm_s"] = shell(f"rm -rf {q['unpacked']}", deadline, self.phase)
+        self.phase = f"{target}: git clone"
+        repo = shlex.quote(f"file://{REPO}")
+        r["git_clone_s"] = shell(
+            f"git clone -q --no-hardlinks {repo} {q['clone']} && sync", deadline, self.phase
+        )
+        if not (clone / "bench" / "run.py").is_file():
+            raise BenchError(f"{target}: the clone lacks bench/run.py")
+        run_bounded(["rm", "-rf", str(clone)], deadline, what=f"{target}: rm the clone")
         return r
 
     def run_small_writes(self, target: str, root: Path, hooks: Hooks) -> dict[str, float]:
@@ -469,13 +545,16 @@ class Bench:
     def run(self) -> None:
         self.phase = "making the source files"
         self.say(f"scratch directory {self.scratch}; sizes {self.sizes}")
-        if self.args.only != "small":
+        if self.args.only in ("", "big"):
             self.make_sources()
+        if self.args.only in ("", "src"):
+            (self.scratch / "src").mkdir(exist_ok=True)
+            self.make_source_archive()
         self.run_ext4()
         self.run_memfs()
         cluster = self.start_cluster()
         self.run_dfs(cluster)
-        if self.args.only != "small":
+        if self.args.only in ("", "big"):
             self.run_cli(cluster)
         if self.args.namespace_files:
             self.run_namespace(cluster)
@@ -526,6 +605,13 @@ class Bench:
                 both("create_ops", f"create {c} empty, one dir", "ops/s"),
                 both("stat_ops", f"stat {c}, cold", "ops/s"),
                 both("unlink_ops", f"unlink {c}, cold", "ops/s"),
+            ]
+        if "src_untar_s" in dfs:
+            m = s.src_files
+            rows += [
+                both("src_untar_s", f"tar x {m} source files + sync", "s", higher=False),
+                both("src_rm_s", f"rm -rf {m} source files, cold", "s", higher=False),
+                both("git_clone_s", "git clone of this repository + sync", "s", higher=False),
             ]
         if "small_append_s" in dfs:
             rows += [
@@ -674,9 +760,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     parser.add_argument(
         "--only",
-        choices=["big", "small"],
+        choices=["big", "src", "small"],
         default="",
-        help="only the big-file, tree and metadata phases, or only the small synced writes",
+        help="only the big-file, tree and metadata phases, the source trees (tar x, rm -rf,"
+        " git clone), or the small synced writes",
     )
     args = parser.parse_args(argv)
     if args.scale <= 0:
@@ -687,11 +774,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def sizes_from(args: argparse.Namespace) -> Sizes:
     sizes = Sizes().scaled(QUICK_SCALE if args.quick else args.scale)
     if args.size_mb:
-        sizes = Sizes(args.size_mb * MiB, sizes.files, sizes.file_bytes, sizes.creates)
+        sizes = dataclasses.replace(sizes, big_bytes=args.size_mb * MiB)
     if args.files:
-        sizes = Sizes(sizes.big_bytes, args.files, sizes.file_bytes, sizes.creates)
+        sizes = dataclasses.replace(sizes, files=args.files)
     if args.creates:
-        sizes = Sizes(sizes.big_bytes, sizes.files, sizes.file_bytes, args.creates)
+        sizes = dataclasses.replace(sizes, creates=args.creates)
     return sizes
 
 

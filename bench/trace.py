@@ -1,6 +1,6 @@
 """Where the time of one small operation goes, per hop and per process.
 
-    python -m bench.trace [cp|append|random] [--repeat N] [--json PATH]
+    python -m bench.trace [cp|append|random|untar] [--repeat N] [--json PATH]
 
 Starts a cluster like `make bench`'s (a tracker, three keepers, replication 2) and a mount,
 every process with DFS_TRACE set (cluster/trace.py), warms up, then runs the operation N times
@@ -8,7 +8,9 @@ every process with DFS_TRACE set (cluster/trace.py), warms up, then runs the ope
 
 - `cp`: `cp` of one 4 KiB file into the mount (create, write, flush/release: a small file);
 - `append`: one 4 KiB append with O_DSYNC to a file that already holds a few (a log);
-- `random`: one 4 KiB write + fsync at a random offset of a 64 MiB file (a database page).
+- `random`: one 4 KiB write + fsync at a random offset of a 64 MiB file (a database page);
+- `untar`: `tar x` of an archive of one 4 KiB file into a new directory (what `tar x` of a
+  source tree does per file: create, write, close, then restore its mode, owner and times).
 
 For each operation it prints the median of every span kind (FUSE requests in the mount, calls
 the mount makes, requests served by the tracker and keepers, their disk work) in the order
@@ -77,6 +79,10 @@ def label(process: str, name: str, tracker_addr: str) -> str:
 def one_op(kind: str, mnt: Path, src: Path, i: int, state: dict[str, Any]) -> None:
     if kind == "cp":
         subprocess.run(["cp", str(src), str(mnt / f"f{i}")], check=True)
+    elif kind == "untar":
+        target = mnt / f"t{i}"
+        target.mkdir()
+        subprocess.run(["tar", "-C", str(target), "-xf", str(state["archive"])], check=True)
     elif kind == "append":
         os.write(state["fd"], state["data"])
     else:
@@ -85,8 +91,11 @@ def one_op(kind: str, mnt: Path, src: Path, i: int, state: dict[str, Any]) -> No
         os.fsync(state["fd"])
 
 
-def prepare(kind: str, mnt: Path, state: dict[str, Any]) -> None:
+def prepare(kind: str, mnt: Path, src: Path, state: dict[str, Any]) -> None:
     state["data"] = os.urandom(BLOCK)
+    if kind == "untar":
+        state["archive"] = src.with_suffix(".tar")
+        subprocess.run(["tar", "-C", str(src.parent), "-cf", str(state["archive"]), src.name])
     if kind == "append":
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_DSYNC
         state["fd"] = os.open(mnt / "log", flags, 0o644)
@@ -100,8 +109,9 @@ def prepare(kind: str, mnt: Path, state: dict[str, Any]) -> None:
 
 
 def summarize(ops: list[list[Span]], tracker_addr: str) -> list[dict[str, Any]]:
-    """Per span kind, in the order of its median start: count per op, median start offset
-    and median duration (microseconds)."""
+    """Per span kind, in the order of its median start: how many per operation (on
+    average: a connection opened now and then shows as a fraction), median start offset and
+    median duration where it occurs (microseconds)."""
     starts: dict[str, list[float]] = defaultdict(list)
     durations: dict[str, list[float]] = defaultdict(list)
     counts: dict[str, list[int]] = defaultdict(list)
@@ -121,7 +131,7 @@ def summarize(ops: list[list[Span]], tracker_addr: str) -> list[dict[str, Any]]:
     rows = [
         {
             "span": key,
-            "per_op": statistics.median(counts[key]) if counts[key] else 0,
+            "per_op": sum(counts[key]) / len(ops),  # spans of this kind per operation
             "start_us": statistics.median(starts[key]),
             "median_us": statistics.median(durations[key]),
         }
@@ -141,7 +151,7 @@ def summarize(ops: list[list[Span]], tracker_addr: str) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("op", choices=("cp", "append", "random"), nargs="?", default="cp")
+    parser.add_argument("op", choices=("cp", "append", "random", "untar"), nargs="?", default="cp")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--json", help="write the rows here too")
     parser.add_argument("--scratch-dir", default="/var/tmp")
@@ -167,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         src = scratch / "src"
         src.write_bytes(os.urandom(BLOCK))
         state: dict[str, Any] = {}
-        prepare(args.op, mnt, state)
+        prepare(args.op, mnt, src, state)
         for i in range(10):  # warm: connections open, caches loaded
             one_op(args.op, mnt, src, 10_000 + i, state)
         time.sleep(0.5)
@@ -188,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'span':70} {'per op':>6} {'starts':>8} {'takes':>8}")
     for row in rows:
         print(
-            f"{row['span'][:70]:70} {row['per_op']:>6g} "
+            f"{row['span'][:70]:70} {row['per_op']:>6.2f} "
             f"{row['start_us']:>8.0f} {row['median_us']:>8.0f}"
         )
     if args.json:
