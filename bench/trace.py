@@ -128,7 +128,7 @@ def summarize(ops: list[list[Span]], tracker_addr: str) -> list[dict[str, Any]]:
             durations[key].append((end - start) / 1e3)
         for key, n in per.items():
             counts[key].append(n)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "span": key,
             "per_op": sum(counts[key]) / len(ops),  # spans of this kind per operation

@@ -1,12 +1,18 @@
 """`dfs`: the command line for people and scripts.
 
 Every subcommand is a thin layer over `cluster.client.Client`. Errors are one line on stderr
-and a non-zero exit, never a traceback: 1 for a failed operation, 2 for bad usage.
+and a non-zero exit, never a traceback: 1 for a failed operation, 2 for bad usage; a path
+that does not exist is named ("No such file or directory: /a/b", the first missing part).
+Progress bars and tables are `rich`'s: on a terminal a live bar with rate and ETA, elsewhere
+(a log, a pipe) one plain line once the transfer is done. `rich` is imported only by the
+commands that draw with it (it costs tens of milliseconds at start). `ls` keeps the line
+format of `ls -l`: a rich table of ten thousand entries takes seconds to lay out.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import os
@@ -15,15 +21,19 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from cluster import auth, config
+from cluster import messages as m
 from cluster.auth import Credentials
 from cluster.client import Attr, Client
 from cluster.errors import DfsError, IsADir, NotFound
 from cluster.logs import setup_logging
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def _mode_string(mode: int) -> str:
@@ -64,34 +74,88 @@ def _attr_json(attr: Attr) -> dict[str, Any]:
     }
 
 
+def _console(stderr: bool = False) -> Console:
+    """A rich console on stdout (or stderr) that prints names as they are (no markup, no
+    highlighting, no emoji codes) and, off a terminal, never wraps a line."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError  # main() ends quietly with 141, as for any closed pipe
+
+    stream = sys.stderr if stderr else sys.stdout
+    return _Console(
+        file=stream,
+        markup=False,
+        highlight=False,
+        emoji=False,
+        width=None if stream.isatty() else 1000,
+    )
+
+
 class Progress:
-    """A one-line progress bar on stderr, only when stderr is a terminal."""
+    """A transfer's progress on stderr, drawn by rich: on a terminal a live bar with bytes
+    done, rate and time left; otherwise one line with the totals when it is done."""
 
     def __init__(self, label: str, total: int) -> None:
-        self.label = label
-        self.total = total
-        self.done = 0
-        self.started = time.monotonic()
-        self.shown = 0.0
-        self.enabled = sys.stderr.isatty()
+        from rich import filesize
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            ProgressColumn,
+            Task,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as Bar
+
+        class AverageSpeed(ProgressColumn):
+            """Bytes over the whole transfer's time (rich's own speed is a recent window's)."""
+
+            def render(self, task: Task) -> str:
+                elapsed = task.elapsed or 0.0
+                speed = task.completed / elapsed if elapsed > 0 else 0.0
+                return f"{filesize.decimal(int(speed))}/s"
+
+        console = _console(stderr=True)
+        columns: list[Any] = [TextColumn("{task.description}")]
+        if console.is_terminal:
+            columns += [BarColumn(), TaskProgressColumn(), DownloadColumn(), TransferSpeedColumn()]
+            columns += [TextColumn("ETA"), TimeRemainingColumn()]
+        else:
+            columns += [DownloadColumn(), AverageSpeed(), TextColumn("in")]
+            columns += [TimeElapsedColumn()]
+        self.bar = Bar(*columns, console=console, transient=False)
+        self.task = self.bar.add_task(label, total=total)
+
+    def __enter__(self) -> Progress:
+        if self.bar.console.is_terminal:
+            self.bar.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if self.bar.console.is_terminal:
+            self.bar.stop()  # a failed transfer's bar stays where it stopped
+        elif kind is None:  # off a terminal, only a transfer that ended gets its line
+            self.bar.console.print(self.bar.get_renderable())
 
     def __call__(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self.shown > 0.2 or self.done >= self.total):
-            self.shown = now
-            fraction = self.done / self.total if self.total else 1.0
-            rate = self.done / max(now - self.started, 1e-6) / 1e6
-            bar = "#" * int(fraction * 30)
-            sys.stderr.write(
-                f"\r{self.label} [{bar:<30}] {fraction:4.0%} {_size(self.done)} of"
-                f" {_size(self.total)} {rate:6.1f} MB/s"
-            )
-            sys.stderr.flush()
+        self.bar.advance(self.task, n)
 
-    def finish(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+
+async def _missing(client: Client, path: str) -> str | None:
+    """The first part of `path` that does not exist (None: it all does)."""
+    parts = [p for p in path.split("/") if p]
+    for n in range(1, len(parts) + 1):
+        prefix = "/" + "/".join(parts[:n])
+        try:
+            await client.resolve(prefix)
+        except NotFound:
+            return prefix
+    return None
 
 
 async def cmd_put(client: Client, args: argparse.Namespace) -> int:
@@ -104,9 +168,10 @@ async def cmd_put(client: Client, args: argparse.Namespace) -> int:
         pass
     if os.path.isdir(args.local):
         raise IsADir(f"{args.local} is a directory")
-    progress = Progress(os.path.basename(args.local), os.path.getsize(args.local))
-    await client.upload(args.local, remote, progress)
-    progress.finish()
+    if not os.path.exists(args.local):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), args.local)
+    with Progress(os.path.basename(args.local), os.path.getsize(args.local)) as progress:
+        await client.upload(args.local, remote, progress)
     return 0
 
 
@@ -114,9 +179,12 @@ async def cmd_get(client: Client, args: argparse.Namespace) -> int:
     local = args.local
     if os.path.isdir(local):
         local = os.path.join(local, os.path.basename(args.remote.rstrip("/")))
-    progress = Progress(os.path.basename(args.remote), (await client.resolve(args.remote)).size)
-    await client.download(args.remote, local, progress)
-    progress.finish()
+    parent = os.path.dirname(local) or "."
+    if local != "-" and not os.path.isdir(parent):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), parent)
+    size = (await client.resolve(args.remote)).size
+    with Progress(os.path.basename(args.remote), size) as progress:
+        await client.download(args.remote, local, progress)
     return 0
 
 
@@ -212,21 +280,57 @@ async def cmd_status(client: Client, args: argparse.Namespace) -> int:
             f" live copy, {health['copies_in_flight']} copies in flight"
             f" ({health['copies_done']} done, {_size(health['bytes_copied'])})"
         )
-    header = ("ADDRESS", "STATE", "ZONE", "USED", "CAPACITY", "CHUNKS")
-    rows = [header] + [
-        (
-            k["addr"],
-            _state(k),
-            k["zone"] or "-",
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("ADDRESS", "STATE", "ZONE", "USED", "CAPACITY", "CHUNKS"):
+        right = column in ("USED", "CAPACITY", "CHUNKS")
+        table.add_column(column, justify="right" if right else "left", no_wrap=True)
+    for k in status.keepers:
+        table.add_row(
+            Text(k["addr"]),
+            Text(_state(k)),
+            Text(k["zone"] or "-"),
             _size(k["used_bytes"]),
             _size(k["capacity_bytes"]),
             str(k["chunks"]),
         )
-        for k in status.keepers
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _console().print(table)
+    return 0
+
+
+async def cmd_du(client: Client, args: argparse.Namespace) -> int:
+    """Totals of a tree, answered by the tracker from the counters it keeps per directory."""
+    # (Client has no method for it yet: cluster/client.py is being reworked elsewhere.)
+    usage = await client._tracker(m.DiskUsage(path=os.fsencode(args.path)), m.DiskUsageReply)
+    totals = {
+        "path": args.path,
+        "files": usage.files,
+        "dirs": usage.dirs,
+        "bytes": usage.size_bytes,
+        "chunks": usage.chunks,
+        "stored_bytes": usage.stored_bytes,
+    }
+    if args.json:
+        print(json.dumps(totals))
+        return 0
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("FILES", "DIRS", "SIZE", "CHUNKS", "STORED"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("PATH", no_wrap=True)
+    table.add_row(
+        f"{usage.files:,}",
+        f"{usage.dirs:,}",
+        _size(usage.size_bytes),
+        f"{usage.chunks:,}",
+        _size(usage.stored_bytes),
+        Text(args.path),
+    )
+    _console().print(table)
     return 0
 
 
@@ -285,6 +389,20 @@ COMMANDS = {
     "fsck": cmd_fsck,
     "setrep": cmd_setrep,
     "decommission": cmd_decommission,
+    "du": cmd_du,
+}
+# Per command: remote paths that must exist, and remote paths whose parent must exist; when
+# a command fails with ENOENT, the error names the first part of these that is missing.
+REMOTE_PATHS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "put": ((), ("remote",)),
+    "get": (("remote",), ()),
+    "ls": (("path",), ()),
+    "mv": (("src",), ("dst",)),
+    "rm": (("path",), ()),
+    "stat": (("path",), ()),
+    "fsck": (("path",), ()),
+    "setrep": (("path",), ()),
+    "du": (("path",), ()),
 }
 
 
@@ -322,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("setrep", help="set the copies per chunk of a file or a tree")
     p.add_argument("copies", type=int)
     p.add_argument("path")
+    p = sub.add_parser(
+        "du", help="files, directories, bytes and chunks of a tree (from the tracker's counters)"
+    )
+    p.add_argument("path", nargs="?", default="/")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("decommission", help="drain a keeper (address or id) before removal")
     p.add_argument("keeper")
     p.add_argument("--cancel", action="store_true", help="put the keeper back in service")
@@ -336,7 +459,24 @@ async def _run(args: argparse.Namespace, settings: dict[str, Any]) -> int:
         retry_window_s=settings["retry_window_s"],
         io_timeout_s=settings["io_timeout_s"],
     ) as client:
-        return await COMMANDS[args.command](client, args)
+        try:
+            return await COMMANDS[args.command](client, args)
+        except NotFound as exc:
+            missing = await _first_missing(client, args)
+            if missing is None:
+                raise
+            raise NotFound(f"No such file or directory: {missing}") from exc
+
+
+async def _first_missing(client: Client, args: argparse.Namespace) -> str | None:
+    existing, parents_of = REMOTE_PATHS.get(args.command, ((), ()))
+    paths = [getattr(args, name) for name in existing]
+    paths += [os.path.dirname(getattr(args, name).rstrip("/")) for name in parents_of]
+    for path in paths:
+        missing = await _missing(client, path)
+        if missing is not None:
+            return missing
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -33,6 +33,20 @@ CONNECTIONS_CLOSED = Counter(
 )
 
 
+def payload_bytes(role: str) -> tuple[int, int]:
+    """(sent, received): chunk bytes this process's `role` server has sent and received since
+    it started (what a keeper's heartbeat reports)."""
+    totals = []
+    for counter in (BYTES_SENT, BYTES_RECEIVED):
+        total = 0.0
+        for family in counter.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels.get("role") == role:
+                    total += sample.value
+        totals.append(int(total))
+    return totals[0], totals[1]
+
+
 def gauge(name: str, documentation: str, read: Callable[[], float]) -> Gauge:
     """A gauge whose value is read from `read` at scrape time."""
     metric = Gauge(name, documentation)

@@ -78,6 +78,8 @@ class Server:
         # included), and the most there have been at once: a keeper's transfers in flight.
         self.in_flight: dict[str, int] = {}
         self.peak_in_flight: dict[str, int] = {}
+        # Connections open now, by the role the peer gave in its Hello ("client", "keeper").
+        self.connected: dict[str, int] = {}
 
     @contextmanager
     def answering(self, name: str) -> Iterator[None]:
@@ -154,8 +156,9 @@ async def serve(
     await Server(handler, options).run(host, port, task_status=task_status)
 
 
-async def _handshake(frames: FrameStream, options: ServeOptions, peer: str) -> None:
-    """TLS (when configured), Hello and the mutual proof of the cluster secret."""
+async def _handshake(frames: FrameStream, options: ServeOptions, peer: str) -> str:
+    """TLS (when configured), Hello and the mutual proof of the cluster secret; returns the
+    role the peer gave in its Hello."""
     credentials = options.credentials
     header, _ = await frames.receive()
     request_id, hello = m.decode(header)
@@ -177,19 +180,23 @@ async def _handshake(frames: FrameStream, options: ServeOptions, peer: str) -> N
         raise AuthFailed(f"{hello.role} at {peer} failed to prove the cluster secret")
     proof = auth.proof(credentials.secret, b"server", hello.nonce, server_nonce)
     await frames.send(m.AuthenticateReply(proof=proof).to_wire(request_id))
+    return hello.role
 
 
 async def _serve_connection(server: Server, stream: trio.abc.Stream, peer: str) -> None:
     options = server.options
     role = options.role
+    peer_role: str | None = None  # set once the peer has proved the secret
     try:
         if options.credentials.tls_server is not None:
             stream = trio.SSLStream(stream, options.credentials.tls_server, server_side=True)
         frames = FrameStream(stream, options.limits)
         with trio.move_on_after(options.handshake_timeout_s) as handshake:
-            await _handshake(frames, options, peer)
+            hello_role = await _handshake(frames, options, peer)
         if handshake.cancelled_caught:
             raise ProtocolError("no handshake in time")
+        peer_role = hello_role
+        server.connected[peer_role] = server.connected.get(peer_role, 0) + 1
         while not server.stopping.is_set():
             with trio.CancelScope() as idle:
                 server.idle_scopes.add(idle)
@@ -251,5 +258,7 @@ async def _serve_connection(server: Server, stream: trio.abc.Stream, peer: str) 
     except Exception:
         log.exception("closing connection from %s after an unexpected error", peer)
     finally:
+        if peer_role is not None:
+            server.connected[peer_role] -= 1
         with trio.move_on_after(1, shield=True):
             await stream.aclose()

@@ -13,6 +13,7 @@ import logging
 import trio
 
 from cluster import messages as m
+from cluster import metrics
 from cluster.errors import DfsError
 from cluster.keeper.replicator import Replicator
 from cluster.keeper.server import KeeperServer
@@ -89,12 +90,15 @@ class Heartbeat:
             added, self.server.added = self.server.added, []
             removed, self.server.removed = self.server.removed, []
             store = self.server.store
+            sent, received = metrics.payload_bytes("keeper")
             request = m.Heartbeat(
                 keeper_id=self.keeper_id,
                 capacity_bytes=store.capacity_bytes,
                 used_bytes=store.used_bytes,
                 added=added,
                 removed=removed,
+                read_bytes=sent,
+                written_bytes=received,
             )
             # If this fails the deltas are lost with it: the registration that follows sends
             # the whole inventory.

@@ -39,6 +39,10 @@ class KeeperState:
     draining_since: float = 0.0  # trio time the drain started (or the tracker saw it again)
     # Said goodbye (stopping for maintenance): gets no new chunks until it registers again.
     leaving: bool = False
+    # Chunk bytes the keeper has sent and received since it started (its heartbeats say):
+    # the history takes its read and write rates from them.
+    read_bytes: int = 0
+    written_bytes: int = 0
 
     def alive(self, now: float, dead_after_s: float) -> bool:
         return now - self.last_seen <= dead_after_s

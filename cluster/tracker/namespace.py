@@ -28,7 +28,7 @@ from cluster.errors import (
     NotPermitted,
     TooBig,
 )
-from cluster.tracker.store import ROOT_INO, ChunkRow, Inode, MetadataStore
+from cluster.tracker.store import ROOT_INO, ChunkRow, DirStats, Inode, MetadataStore
 
 NAME_MAX = 255
 PATH_MAX = 4096
@@ -98,6 +98,13 @@ class Namespace:
                 continue
             inode = self.lookup(inode.ino, part)
         return inode
+
+    def disk_usage(self, path: bytes) -> tuple[Inode, DirStats]:
+        """`dfs du`: the totals of the tree at `path`, read from the counters the store keeps
+        per directory (one row, whatever the size of the tree); for a file, its own."""
+        inode = self.resolve(path)
+        totals = self.store.dirstats(inode.ino) if stat.S_ISDIR(inode.mode) else None
+        return inode, totals or self.store.entry_stats(inode.ino)
 
     def readdir(self, ino: int, offset: int, limit: int) -> list[tuple[bytes, Inode, int]]:
         self.directory(ino)

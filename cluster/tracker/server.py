@@ -32,6 +32,7 @@ from cluster.serve import ServeOptions, Server
 from cluster.tracker import placement
 from cluster.tracker.durability import GroupSync
 from cluster.tracker.healer import Healer
+from cluster.tracker.history import History
 from cluster.tracker.keepers import KeeperRegistry, KeeperState
 from cluster.tracker.namespace import Namespace, Removal
 from cluster.tracker.store import ChunkRow, Inode, SqliteStore
@@ -92,6 +93,7 @@ class Tracker:
         self.replication = replication
         self.chunk_size = chunk_size
         self.heartbeat_s = heartbeat_s
+        self.history = History()
         removal = self.namespace.collect_orphans()
         if removal.chunks:
             log.info("collected %d chunks of files unlinked while open", len(removal.chunks))
@@ -126,6 +128,7 @@ class Tracker:
             m.Fsck: self.fsck,
             m.SetReplication: self.set_replication,
             m.Decommission: self.decommission,
+            m.DiskUsage: self.disk_usage,
             m.RegisterKeeper: self.register_keeper,
             m.Heartbeat: self.heartbeat,
             m.Goodbye: self.goodbye,
@@ -139,6 +142,7 @@ class Tracker:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.healer.run, name="healer")
                 nursery.start_soon(self.durable.run, name="background sync")
+                nursery.start_soon(self.history.run, self, name="history")
                 bound = await nursery.start(self.server.run, host, port)
                 task_status.started(bound)
                 # After shutdown() the server finishes the requests (commits) in flight and
@@ -157,6 +161,7 @@ class Tracker:
         handler = self._handlers.get(type(msg))
         if handler is None:
             raise InvalidArgument(f"the tracker does not serve {type(msg).__name__}")
+        self.history.count(type(msg))
         try:
             return await handler(msg, peer), b""
         except OverflowError:
@@ -561,6 +566,17 @@ class Tracker:
             files=len(files), chunks=chunks, degraded=degraded, lost=lost, problems=problems[:10000]
         )
 
+    async def disk_usage(self, msg: m.DiskUsage, peer: str) -> m.Message:
+        inode, totals = self.namespace.disk_usage(msg.path)
+        return m.DiskUsageReply(
+            ino=inode.ino,
+            files=totals.files,
+            dirs=totals.dirs,
+            size_bytes=totals.bytes,
+            chunks=totals.chunks,
+            stored_bytes=totals.stored,
+        )
+
     async def set_replication(self, msg: m.SetReplication, peer: str) -> m.Message:
         changed = self.namespace.set_replication(msg.path, msg.copies)
         log.info("replication of %s set to %d (%d inodes)", msg.path, msg.copies, changed)
@@ -631,6 +647,7 @@ class Tracker:
         keeper.capacity_bytes = msg.capacity_bytes
         keeper.used_bytes = msg.used_bytes
         keeper.reserved_bytes = 0
+        keeper.read_bytes, keeper.written_bytes = msg.read_bytes, msg.written_bytes
         for chunk_id, version in ((c[0], c[1]) for c in msg.removed if len(c) == 2):
             self.registry.chunks.remove(keeper.keeper_id, chunk_id, version)
         self._classify(keeper, msg.added)

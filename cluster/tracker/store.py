@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -119,6 +120,22 @@ CREATE TABLE IF NOT EXISTS draining (
     keeper_id TEXT PRIMARY KEY
 );
 
+-- Recursive totals of each directory's tree, kept in the transaction of every change (as
+-- MooseFS's dirinfo and CephFS's recursive statistics): `dfs du` reads one row instead of
+-- walking the tree. A change to an entry adds its difference to its directory and to every
+-- directory above it. Counted per name: a file with two hard links in a tree counts twice
+-- there (as `du -l` and `find | wc -l` do, not as `du`), so each name's directory chain is
+-- what a change reaches; an unlinked file that is still open has no name and counts nowhere.
+CREATE TABLE IF NOT EXISTS dirstats (
+    ino     INTEGER PRIMARY KEY,   -- a directory inode (exactly one row per directory)
+    files   INTEGER NOT NULL,      -- names of non-directories in the tree (files, symlinks,
+                                   -- FIFOs, device nodes)
+    dirs    INTEGER NOT NULL,      -- directories in the tree, this one included
+    bytes   INTEGER NOT NULL,      -- st_size of the regular files in the tree
+    chunks  INTEGER NOT NULL,      -- their committed chunks
+    stored  INTEGER NOT NULL       -- the bytes in those chunks (their st_blocks)
+);
+
 -- Counters: next chunk id.
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
@@ -207,6 +224,35 @@ def _inode_values(inode: Inode) -> tuple[object, ...]:
     )
 
 
+_S_IFMT = 0o170000  # the file type bits of st_mode, for SQL
+# Directories whose parent the store remembers (a change inside a tree updates the totals of
+# every directory above it, so their chain is read on every create and unlink). At about 100
+# bytes an entry, the cache is dropped whole when it grows past this.
+PARENT_CACHE_MAX = 200_000
+# Deeper than any real tree; only a corrupt table (a cycle) would reach it.
+MAX_DEPTH = 100_000
+
+
+@dataclass(slots=True)
+class DirStats:
+    """Totals of a tree (a `dirstats` row), or what one entry adds to its directory's."""
+
+    files: int = 0
+    dirs: int = 0
+    bytes: int = 0
+    chunks: int = 0
+    stored: int = 0
+
+    def values(self) -> tuple[int, int, int, int, int]:
+        return (self.files, self.dirs, self.bytes, self.chunks, self.stored)
+
+    def __bool__(self) -> bool:
+        return any(self.values())
+
+    def __neg__(self) -> DirStats:
+        return DirStats(*(-v for v in self.values()))
+
+
 class MetadataStore(Protocol):
     """What the tracker needs from its database; SQLite now, a server database later."""
 
@@ -251,6 +297,8 @@ class MetadataStore(Protocol):
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None: ...
     def remove_xattr(self, ino: int, name: bytes) -> bool: ...
     def xattr_sizes(self, ino: int) -> dict[bytes, int]: ...
+    def dirstats(self, ino: int) -> DirStats | None: ...
+    def entry_stats(self, ino: int) -> DirStats: ...
 
 
 class SqliteStore:
@@ -265,6 +313,9 @@ class SqliteStore:
         self._wal_fd: int | None = None
         self._version_skip = 0
         self._skipped: set[int] = set()  # chunks whose version jumped since the start
+        # directory -> its parent: as committed, or as read in the transaction under way (a
+        # rollback clears it). Entries are dropped when a directory's name goes away.
+        self._dir_parent: dict[int, int] = {}
         self._migrate()
         if self.get_inode(ROOT_INO) is None:
             now = time.time_ns()
@@ -273,6 +324,7 @@ class SqliteStore:
                     f"INSERT INTO inodes ({_INODE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (ROOT_INO, 0o40755, 2, 0, 0, 0, 0, now, now, now, 0, 0, None),
                 )
+                self.db.execute("INSERT INTO dirstats VALUES (?, 0, 1, 0, 0, 0)", (ROOT_INO,))
         self._start_counters()
 
     def _migrate(self) -> None:
@@ -285,6 +337,12 @@ class SqliteStore:
                     "UPDATE inodes SET stored ="
                     " (SELECT COALESCE(SUM(length), 0) FROM chunks WHERE chunks.ino = inodes.ino)"
                 )
+        root = self.db.execute("SELECT 1 FROM inodes WHERE ino=?", (ROOT_INO,)).fetchone()
+        has_totals = self.db.execute("SELECT 1 FROM dirstats WHERE ino=?", (ROOT_INO,)).fetchone()
+        if root is not None and has_totals is None:
+            # Added with `dfs du`: SCHEMA made the table empty; fill it from the namespace.
+            with self.transaction():
+                self.rebuild_dirstats()
 
     def _start_counters(self) -> None:
         """Move every id counter past what an unclean stop may have lost (module docstring),
@@ -366,6 +424,7 @@ class SqliteStore:
             yield
         except BaseException:
             self.db.execute("ROLLBACK")
+            self._dir_parent.clear()
             raise
         else:
             self.db.execute("COMMIT")
@@ -389,9 +448,15 @@ class SqliteStore:
         )
         assert cur.lastrowid is not None
         inode.ino = cur.lastrowid
+        if stat.S_ISDIR(inode.mode):
+            self.db.execute("INSERT INTO dirstats VALUES (?, 0, 1, 0, 0, 0)", (inode.ino,))
         return inode.ino
 
     def update_inode(self, inode: Inode) -> None:
+        if stat.S_ISREG(inode.mode):
+            row = self.db.execute("SELECT size FROM inodes WHERE ino=?", (inode.ino,)).fetchone()
+            if row is not None and row[0] != inode.size:
+                self._add_to_names(inode.ino, DirStats(bytes=inode.size - row[0]))
         self.db.execute(
             "UPDATE inodes SET mode=?, nlink=?, uid=?, gid=?, rdev=?, size=?, atime_ns=?,"
             " mtime_ns=?, ctime_ns=?, chunk_size=?, replication=?, target=? WHERE ino=?",
@@ -402,6 +467,8 @@ class SqliteStore:
         """Delete an inode and its extended attributes (in the caller's transaction)."""
         self.db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
         self.db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
+        self.db.execute("DELETE FROM dirstats WHERE ino=?", (ino,))
+        self._dir_parent.pop(ino, None)
 
     def count_inodes(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM inodes").fetchone()[0])
@@ -421,9 +488,15 @@ class SqliteStore:
         self.db.execute(
             "INSERT INTO dentries (parent, name, ino) VALUES (?,?,?)", (parent, name, ino)
         )
+        self._add_up(parent, self.entry_stats(ino))
 
     def remove_dentry(self, parent: int, name: bytes) -> None:
-        self.db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+        rows = self.db.execute(
+            "DELETE FROM dentries WHERE parent=? AND name=? RETURNING ino", (parent, name)
+        ).fetchall()
+        for (ino,) in rows:
+            self._dir_parent.pop(ino, None)
+            self._add_up(parent, -self.entry_stats(int(ino)))
 
     def list_dentries(self, parent: int, after: int, limit: int) -> list[tuple[int, bytes, int]]:
         rows = self.db.execute(
@@ -469,7 +542,9 @@ class SqliteStore:
             " VALUES (?,?,?,?,?,?)",
             (row.ino, row.idx, row.chunk_id, row.version, row.length, _to_sql(row.digest)),
         )
-        self._add_stored(row.ino, row.length - (old.length if old is not None else 0))
+        self._add_stored(
+            row.ino, row.length - (old.length if old is not None else 0), 0 if old else 1
+        )
         return old
 
     def drop_chunks_from(self, ino: int, first: int) -> list[ChunkRow]:
@@ -489,12 +564,14 @@ class SqliteStore:
             self.db.execute(
                 "DELETE FROM chunks WHERE ino=? AND idx>=? AND idx<?", (ino, first, end)
             )
-            self._add_stored(ino, -sum(row.length for row in dropped))
+            self._add_stored(ino, -sum(row.length for row in dropped), -len(dropped))
         return dropped
 
-    def _add_stored(self, ino: int, delta: int) -> None:
+    def _add_stored(self, ino: int, delta: int, chunks: int) -> None:
+        """`ino` gained `chunks` committed chunks (may be negative) holding `delta` bytes."""
         if delta:
             self.db.execute("UPDATE inodes SET stored = stored + ? WHERE ino=?", (delta, ino))
+        self._add_to_names(ino, DirStats(chunks=chunks, stored=delta))
 
     def chunk_by_id(self, chunk_id: int) -> ChunkRow | None:
         row = self.db.execute(
@@ -597,6 +674,139 @@ class SqliteStore:
             "SELECT name, length(value) FROM xattrs WHERE ino=? ORDER BY name", (ino,)
         ).fetchall()
         return {bytes(name): int(size) for name, size in rows}
+
+    # --- recursive totals (dfs du) ---------------------------------------------------------
+
+    def dirstats(self, ino: int) -> DirStats | None:
+        """The totals of the tree under directory `ino` (None: not a directory)."""
+        row = self.db.execute(
+            "SELECT files, dirs, bytes, chunks, stored FROM dirstats WHERE ino=?", (ino,)
+        ).fetchone()
+        return DirStats(*row) if row else None
+
+    def entry_stats(self, ino: int) -> DirStats:
+        """What one name of `ino` adds to the totals of the directories above it."""
+        row = self.db.execute(
+            "SELECT mode, size, stored, (SELECT count(*) FROM chunks WHERE chunks.ino = ?)"
+            " FROM inodes WHERE ino=?",
+            (ino, ino),
+        ).fetchone()
+        if row is None:
+            return DirStats()
+        mode, size, stored, chunks = row
+        if stat.S_ISDIR(mode):
+            return self.dirstats(ino) or DirStats(dirs=1)
+        return DirStats(1, 0, size if stat.S_ISREG(mode) else 0, chunks, stored)
+
+    def _up_the_tree(self, directory: int) -> list[int]:
+        """`directory` and every directory above it (a directory has exactly one name)."""
+        chain = [directory]
+        at = directory
+        while at != ROOT_INO and len(chain) < MAX_DEPTH:
+            parent = self._dir_parent.get(at)
+            if parent is None:
+                row = self.db.execute(
+                    "SELECT parent FROM dentries WHERE ino=? LIMIT 1", (at,)
+                ).fetchone()
+                if row is None:
+                    break
+                if len(self._dir_parent) >= PARENT_CACHE_MAX:
+                    self._dir_parent.clear()
+                parent = self._dir_parent[at] = int(row[0])
+            chain.append(parent)
+            at = parent
+        return chain
+
+    def _add_up(self, directory: int, delta: DirStats) -> None:
+        """Add `delta` to `directory` and to every directory above it."""
+        if not delta:
+            return
+        chain = self._up_the_tree(directory)
+        for start in range(0, len(chain), 500):  # SQLite takes at most 32,766 parameters
+            part = chain[start : start + 500]
+            self.db.execute(
+                "UPDATE dirstats SET files = files + ?, dirs = dirs + ?, bytes = bytes + ?,"
+                " chunks = chunks + ?, stored = stored + ?"
+                f" WHERE ino IN ({','.join('?' * len(part))})",
+                (*delta.values(), *part),
+            )
+
+    def _add_to_names(self, ino: int, delta: DirStats) -> None:
+        """A change of file `ino` reaches the directories above each of its names."""
+        if delta:
+            parents = self.db.execute("SELECT parent FROM dentries WHERE ino=?", (ino,))
+            for (parent,) in parents.fetchall():
+                self._add_up(int(parent), delta)
+
+    def compute_dirstats(self) -> dict[int, DirStats]:
+        """Every directory's totals, counted from the namespace itself (a walk of the whole
+        table, for the migration and to check the kept totals against)."""
+        parent_of: dict[int, int | None] = {ROOT_INO: None}
+        totals: dict[int, DirStats] = {}
+        for (ino,) in self.db.execute(
+            "SELECT ino FROM inodes WHERE (mode & ?) = ?", (_S_IFMT, stat.S_IFDIR)
+        ):
+            totals[ino] = DirStats(dirs=1)
+        for ino, parent in self.db.execute(
+            "SELECT d.ino, d.parent FROM dentries d JOIN inodes i ON i.ino = d.ino"
+            " WHERE (i.mode & ?) = ?",
+            (_S_IFMT, stat.S_IFDIR),
+        ):
+            parent_of[ino] = parent
+        for parent, files, size, stored in self.db.execute(
+            "SELECT d.parent, count(*), sum(CASE WHEN (i.mode & ?) = ? THEN i.size ELSE 0 END),"
+            " sum(i.stored) FROM dentries d JOIN inodes i ON i.ino = d.ino"
+            " WHERE (i.mode & ?) != ? GROUP BY d.parent",
+            (_S_IFMT, stat.S_IFREG, _S_IFMT, stat.S_IFDIR),
+        ):
+            if parent in totals:
+                totals[parent].files += files
+                totals[parent].bytes += size
+                totals[parent].stored += stored
+        for parent, chunks in self.db.execute(
+            "SELECT d.parent, count(*) FROM dentries d JOIN chunks c ON c.ino = d.ino"
+            " GROUP BY d.parent"
+        ):
+            if parent in totals:
+                totals[parent].chunks += chunks
+        # Roll each directory's totals into its parent's, deepest first.
+        depth: dict[int, int] = {}
+        for ino in totals:
+            chain: list[int] = []
+            at: int | None = ino
+            while at is not None and at not in depth and len(chain) < 100000:
+                chain.append(at)
+                at = parent_of.get(at)
+            base = depth[at] if at is not None and at in depth else -1
+            for i, node in enumerate(reversed(chain)):
+                depth[node] = base + 1 + i
+        for ino in sorted(totals, key=lambda i: -depth[i]):
+            parent = parent_of.get(ino)
+            if parent is not None and parent in totals:
+                up, own = totals[parent], totals[ino]
+                up.files += own.files
+                up.dirs += own.dirs
+                up.bytes += own.bytes
+                up.chunks += own.chunks
+                up.stored += own.stored
+        return totals
+
+    def kept_dirstats(self) -> dict[int, DirStats]:
+        """Every directory's totals as kept in `dirstats`."""
+        return {
+            int(row[0]): DirStats(*row[1:])
+            for row in self.db.execute(
+                "SELECT ino, files, dirs, bytes, chunks, stored FROM dirstats"
+            )
+        }
+
+    def rebuild_dirstats(self) -> None:
+        """(in a transaction) Replace the kept totals with ones counted afresh."""
+        self.db.execute("DELETE FROM dirstats")
+        self.db.executemany(
+            "INSERT INTO dirstats VALUES (?,?,?,?,?,?)",
+            ((ino, *totals.values()) for ino, totals in self.compute_dirstats().items()),
+        )
 
     # --- health ---------------------------------------------------------------------------
 

@@ -105,3 +105,19 @@ def test_quick_run_reports_every_row(tmp_path: Path) -> None:
         assert row["unit"] in {"MB/s", "files/s", "ops/s", "s", "MiB", "B/copy"}, row
         assert row["workload"] in result.stdout  # the table has every row
     assert report["namespace"]["files"] == NAMESPACE_FILES
+
+
+def test_du_bench_counts_its_tree(tmp_path: Path) -> None:
+    """`python -m bench.du` on a small tree: it builds, starts a tracker, checks `dfs du`'s
+    answer against what it built (it exits non-zero otherwise) and reports its figures."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.du", "--files", "3000", "--per-dir", "100",
+         "--repeat", "1", "--keep", str(tmp_path)],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["files"] == 3000
+    assert report["dirs"] == 1 + 1 + 30  # /bench, one group, 30 leaves
+    for key in ("build_s", "dfs_du_cli_s", "du_request_ms", "count_from_scratch_s"):
+        assert positive(report[key]), (key, report)

@@ -72,7 +72,8 @@ def test_small_chunks_go_to_every_copy_at_once_big_ones_down_the_pipeline(
     cluster.dfs("put", str(small), "/small")
     found = spans(trace)
     sent = calls(found, "dfs", "PutChunk")
-    assert len(sent) == 2 and len(set(sent)) == 2, found
+    assert len(sent) == 2, found
+    assert len(set(sent)) == 2, found
     assert not calls(found, "dfs-keeper", "PutChunk"), "a keeper forwarded a small chunk"
     assert served(found, "dfs-keeper", "PutChunk") == 2
 

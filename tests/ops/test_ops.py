@@ -256,7 +256,8 @@ def test_status_page_in_headless_chromium(make_cluster: MakeCluster, tmp_path: P
     chromium = [
         "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=5000",
+        # Less virtual time than the page's 5 s meta refresh, or the dump lands mid-reload.
+        "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=2000",
     ]  # fmt: skip
     dom = subprocess.run(
         [*chromium, "--dump-dom", f"http://127.0.0.1:{port}/"],

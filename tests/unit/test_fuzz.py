@@ -353,6 +353,7 @@ TRACKER_REACHES = {
     m.Fsck,
     m.SetReplication,
     m.Decommission,
+    m.DiskUsage,
     m.RegisterKeeper,
     m.Heartbeat,
     m.Goodbye,
@@ -680,6 +681,9 @@ def tracker_fuzzer(tmp_path: Path, reach: Reach) -> Callable[[], None]:
                     # What the requests changed is what the healer and the status page read.
                     tracker.healer.scan()
                     msgpack.packb(tracker.status().to_wire(1))
+                    tracker.history.sample(tracker, 1e9)
+                    # `dfs du`'s totals still equal a count of the namespace.
+                    assert tracker.store.kept_dirstats() == tracker.store.compute_dirstats()
 
             with in_empty_dir(root / "cwd"):
                 trio.run(go)
