@@ -2,6 +2,16 @@
 
     dfs-mount MOUNTPOINT --tracker HOST:PORT [--foreground] [-o opt,opt] [--config FILE]
               [--log-level L] [--dirty-mb N] [--cache-mb N] [--transfers N] ...
+    dfs-mount TRACKERS MOUNTPOINT -o opt,opt,...          (how mount(8) runs it from fstab)
+
+The second form is what fuse3's `mount.fuse3` helper makes of an fstab line such as
+
+    127.0.0.1:9420  /mnt/dfs  fuse.dfs-mount  _netdev,allow_other,secret_file=/etc/dfs/secret  0 0
+
+Every `-o` option that names a dfs setting of the mount (`secret_file=...`, `cache_mb=64`,
+`sync_on_close`, dashes or underscores) sets it as its flag would; options only mount(8)
+reads (`_netdev`, `nofail`, `noauto`, `x-systemd.*`, ...) are dropped; the rest are FUSE
+options, passed on.
 
 Without `--foreground` the command starts itself again as a detached child with
 `--foreground` and returns only once the mount is ready (exit 0), or prints the child's error
@@ -64,9 +74,19 @@ class MountError(Exception):
     """A problem the user must fix; reported as one line without a traceback."""
 
 
+# mount(8)'s own options, which reach us through mount.fuse3 and mean nothing to FUSE.
+MOUNT8_ONLY = {"_netdev", "nofail", "auto", "noauto", "user", "users", "nouser", "owner"}
+MOUNT8_ONLY |= {"group", "defaults", "comment"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Mount a dfs cluster with FUSE.")
-    parser.add_argument("mountpoint", help="an empty directory")
+    parser.add_argument(
+        "where",
+        nargs="+",
+        metavar="[TRACKERS] MOUNTPOINT",
+        help="an empty directory, after the trackers' HOST:PORT in the fstab form",
+    )
     parser.add_argument(
         "-f", "--foreground", action="store_true", help="stay in the foreground (for systemd)"
     )
@@ -79,6 +99,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="FUSE mount options, e.g. allow_other",
     )
     return parser
+
+
+def split_options(given: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Split `-o` groups into FUSE options and dfs settings of the mount (key -> raw value;
+    a bare key is a boolean set to true), dropping mount(8)'s own."""
+    fuse: list[str] = []
+    settings: dict[str, str] = {}
+    for group in given:
+        for option in group.split(","):
+            option = option.strip()
+            key, sep, value = option.partition("=")
+            name = key.replace("-", "_")
+            known = config.KEYS.get(name)
+            if not option or key in MOUNT8_ONLY or key.startswith("x-"):
+                continue
+            if known is not None and "mount" in known.sections:
+                settings[name] = value if sep else "true"
+            else:
+                fuse.append(option)
+    return fuse, settings
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Both forms of the command line; settings resolved as everywhere (flag > DFS_<KEY> >
+    config file > default), a dfs setting given with -o counting as its flag."""
+    parser = build_parser()
+    config.add_config_flags(parser, "mount")
+    args = parser.parse_args(argv)
+    if len(args.where) > 2:
+        parser.error("expected MOUNTPOINT, or TRACKERS MOUNTPOINT")
+    if len(args.where) == 2 and args.tracker is None:
+        args.tracker = args.where[0]
+    args.mountpoint = args.where[-1]
+    args.options, from_options = split_options(args.options)
+    for name, value in from_options.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    try:
+        return args, config.load("mount", args)
+    except config.ConfigError as exc:
+        parser.exit(2, f"{PROG}: {exc}\n")
 
 
 def mount_options(given: Sequence[str]) -> set[str]:
@@ -123,7 +184,7 @@ def check_fuse() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, settings = config.parse(build_parser(), "mount", argv)
+    args, settings = parse_args(argv)
     setup_logging(settings["log_level"], PROG)
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` dumps every thread's stack
