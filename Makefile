@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEB_PACKAGES := fuse3 libfuse3-dev pkg-config patch rsync git tar openssl chromium systemd python3
+DEB_PACKAGES := fuse3 libfuse3-dev pkg-config patch rsync git tar openssl chromium systemd python3 postgresql
 STAMP := $(VENV)/.installed
 
 .PHONY: test run lint deps venv bench fuzz clean

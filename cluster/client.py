@@ -3,10 +3,12 @@
 `Client` talks to the tracker for names and chunk lists and to keepers for chunk bytes.
 
 Tracker calls retry `Unavailable` (connection refused, reset, timeout) inside one
-`retry_window_s`, so a tracker restart is a pause, not an error (guarantee 5). Keeper calls
-fail over: a read tries each copy in turn (nearest/healthiest first), checking every block's
-xxh3 against checksums whose digest the tracker vouches for, and reports bad copies; a write
-that fails asks the tracker for a placement without the failed keepers and tries again.
+`retry_window_s`, so a tracker restart is a pause, not an error (guarantee 5); so does
+`StoreUnavailable`, the tracker's answer while its PostgreSQL database is out of reach.
+Keeper calls fail over: a read tries each copy in turn (nearest/healthiest first), checking
+every block's xxh3 against checksums whose digest the tracker vouches for, and reports bad
+copies; a write that fails asks the tracker for a placement without the failed keepers and
+tries again.
 Parallelism is bounded by one `CapacityLimiter` of `transfers` per client.
 """
 
@@ -38,6 +40,7 @@ from cluster.errors import (
     NoSpace,
     NotADir,
     NotFound,
+    StoreUnavailable,
     Unavailable,
     collapse,
 )
@@ -211,6 +214,13 @@ class Client:
                 with trio.fail_after(max(self.io_timeout_s, 30.0)):
                     reply, _ = await self.pool.call(self.tracker, request, response)
                 return reply
+            except StoreUnavailable as exc:
+                # The tracker is up, its database is not (restarting, failing over).
+                if trio.current_time() + delay > deadline:
+                    raise
+                log.info("tracker's database unreachable (%s), retrying in %.2fs", exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 1.0)
             except (ConnectionLost, trio.TooSlowError) as exc:
                 if trio.current_time() + delay > deadline:
                     raise Unavailable(f"tracker {self.tracker} unreachable: {exc}") from None

@@ -56,6 +56,14 @@ def _addr(value: Any) -> str:
     return text
 
 
+def _store(value: Any) -> str:
+    """`sqlite`, or a PostgreSQL URI (postgresql://USER@HOST:PORT/DB, ?host=/socket/dir)."""
+    text = str(value).strip()
+    if text == "sqlite" or text.startswith(("postgresql://", "postgres://")):
+        return text
+    raise ValueError(f"expected sqlite or a postgresql:// URI, got {text!r}")
+
+
 def _str(value: Any) -> str:
     return str(value)
 
@@ -102,6 +110,13 @@ KEYS: dict[str, Key] = {
             ("tracker", "keeper"),
         ),
         Key("data", _str, "", "the data directory", ("tracker", "keeper")),
+        Key(
+            "store",
+            _store,
+            "sqlite",
+            "the metadata store: sqlite (in data) or a postgresql:// URI",
+            ("tracker",),
+        ),
         Key("replication", _int, 3, "default copies per chunk", ("cluster", "tracker")),
         Key(
             "chunk_size",

@@ -95,6 +95,15 @@ class Unavailable(DfsError):
     errno = _errno.EIO
 
 
+class StoreUnavailable(Unavailable):
+    """the tracker's metadata database is unreachable; try again"""
+
+    # Worth retrying (as a tracker restart is): the database restarts or fails over while the
+    # tracker stays up. A change whose COMMIT was cut off may have been applied, so a retried
+    # create can find its own name (EEXIST), as after a lost reply on NFS.
+    code = 21
+
+
 class ConnectionLost(Unavailable):
     """The peer could not be reached or the link broke: worth retrying elsewhere or later.
     Never sent on the wire (it travels as Unavailable)."""
@@ -233,6 +242,7 @@ ERRORS_BY_CODE: dict[int, type[DfsError]] = {
         TooBig,
         OutOfRange,
         NotSupported,
+        StoreUnavailable,
     )
 }
 

@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from cluster.tracker.pgstore import PostgresStore
+from cluster.tracker.store import SqliteStore, SqlStore
 from tests.cluster_procs import ProcCluster
+from tests.pg import PgServer
+from tests.stores import crash
 
 # Fuzzing: a bounded run in CI; `make fuzz` selects the long profile.
 settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True)
@@ -17,6 +21,55 @@ settings.register_profile("fuzz", max_examples=20000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 MakeCluster = Callable[..., ProcCluster]
+OpenStore = Callable[[], SqlStore]
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One real PostgreSQL for the session (started on first use), stopped at its end."""
+    try:
+        server = PgServer()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_uri(pg_server: PgServer) -> Iterator[str]:
+    """A fresh, empty database for this test: its postgresql:// URI."""
+    name = pg_server.new_database()
+    try:
+        yield pg_server.uri(name)
+    finally:
+        pg_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenStore]:
+    """Opens the metadata store under test, each backend in turn: the same database at every
+    call, so a second call is a restart. Connections left open are closed at the end."""
+    opened: list[SqlStore] = []
+    if request.param == "sqlite":
+
+        def open_sqlite() -> SqlStore:
+            opened.append(SqliteStore(tmp_path / "meta.db"))
+            return opened[-1]
+
+        yield open_sqlite
+    else:
+        uri = request.getfixturevalue("pg_uri")
+
+        def open_postgres() -> SqlStore:
+            opened.append(PostgresStore(uri))
+            return opened[-1]
+
+        yield open_postgres
+    for store in opened:
+        crash(store)  # a no-op for those closed already
 
 
 @pytest.fixture

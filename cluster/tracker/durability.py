@@ -10,6 +10,9 @@ Who waits for it: a chunk commit (the mount's close and fsync, `dfs put`), an ex
 (fsync of a file with nothing to commit, fsyncdir), a chunk version that replaces a stored one,
 and a heartbeat reply that tells a keeper to delete chunks: a keeper must never drop data that
 a power loss could bring a name back for.
+
+A store whose commits are durable when COMMIT returns (PostgreSQL, `durable_at_commit`) is never
+behind: `sync` returns at once and counts no fsync.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ class GroupSync:
     @property
     def behind(self) -> bool:
         """Are there commits not yet on the disk?"""
-        return self.store.changes() != self._synced
+        return not self.store.durable_at_commit and self.store.changes() != self._synced
 
     async def sync(self) -> None:
         """Return once every commit made before this call is on the disk."""
+        if self.store.durable_at_commit:
+            return  # on the disk since COMMIT returned
         wanted = self.store.changes()
         async with self._lock:
             # Marks are compared for equality only: SQLite's change count is 32 bits and wraps.

@@ -20,6 +20,7 @@ from prometheus_client import Gauge
 
 from cluster import config, metrics
 from cluster.auth import Credentials, SecretError
+from cluster.errors import DfsError
 from cluster.logs import setup_logging
 from cluster.notify import notify
 from cluster.rpc import split_addr
@@ -56,6 +57,7 @@ async def _run(settings: dict[str, Any], credentials: Credentials) -> None:
         heartbeat_s=float(settings["heartbeat_s"]),
         dead_after_s=float(settings["dead_after_s"]),
         gc_grace_s=float(settings["gc_grace_s"]),
+        store=str(settings["store"]),
         credentials=credentials,
     )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -91,8 +93,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(str(settings["log_level"]), "dfs-tracker")
     if not settings["listen"]:
         settings["listen"] = str(settings["tracker"])
-    if not settings["data"]:
-        parser.exit(2, "dfs-tracker: --data DIR is required\n")
+    if not settings["data"] and settings["store"] == "sqlite":
+        parser.exit(2, "dfs-tracker: --data DIR is required (or --store postgresql://...)\n")
     try:
         credentials = Credentials.from_settings(settings, server=True)
     except (SecretError, OSError) as exc:
@@ -101,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         trio.run(_run, settings, credentials)
     except ValueError as exc:
         parser.exit(2, f"dfs-tracker: {exc}\n")
+    except DfsError as exc:  # the metadata database is out of reach at the start
+        parser.exit(1, f"dfs-tracker: {exc}\n")
     except OSError as exc:
         parser.exit(1, f"dfs-tracker: {exc}\n")
     log.info("stopped")

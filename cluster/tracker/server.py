@@ -24,6 +24,7 @@ from cluster.errors import (
     NoSpace,
     NotFound,
     StaleChunk,
+    StoreUnavailable,
     Unavailable,
     printable,
 )
@@ -35,7 +36,7 @@ from cluster.tracker.healer import Healer
 from cluster.tracker.history import History
 from cluster.tracker.keepers import KeeperRegistry, KeeperState
 from cluster.tracker.namespace import Namespace, Removal
-from cluster.tracker.store import ChunkRow, Inode, SqliteStore
+from cluster.tracker.store import ChunkRow, Inode, SqliteStore, SqlStore
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,19 @@ def _chunk_record(raw: list[Any], max_length: int) -> tuple[int, int, int, int, 
     raise InvalidArgument(f"malformed chunk record {raw!r}")
 
 
+def open_store(spec: str, data_dir: Path) -> SqlStore:
+    """The metadata store named by the tracker key `store`: `sqlite` (a file in the data
+    directory) or a postgresql:// URI."""
+    if spec == "sqlite":
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return SqliteStore(data_dir / "meta.db")
+    from cluster.tracker.pgstore import PostgresStore, redact  # psycopg only when asked for
+
+    store = PostgresStore(spec)
+    log.info("metadata in PostgreSQL at %s", redact(spec))
+    return store
+
+
 class Tracker:
     def __init__(
         self,
@@ -70,14 +84,14 @@ class Tracker:
         heartbeat_s: float = 2.0,
         dead_after_s: float = 30.0,
         gc_grace_s: float = 3600.0,
+        store: str = "sqlite",
         credentials: Credentials,
     ) -> None:
         self.credentials = credentials
         self.server = Server(self, ServeOptions(role="tracker", credentials=credentials))
         if not 0 < chunk_size <= MAX_CHUNK_SIZE or chunk_size % 65536:
             raise ValueError("chunk_size must be a multiple of 64 KiB, at most 64 MiB")
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = SqliteStore(data_dir / "meta.db")
+        self.store = open_store(store, data_dir)
         self.namespace = Namespace(self.store, chunk_size)
         self.durable = GroupSync(self.store)
         self.registry = KeeperRegistry(dead_after_s, self.store.draining())
@@ -140,7 +154,7 @@ class Tracker:
         """Serve until cancelled or `shutdown()`; `task_status.started(port)` once accepting."""
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.healer.run, name="healer")
+                nursery.start_soon(self._heal, name="healer")
                 nursery.start_soon(self.durable.run, name="background sync")
                 nursery.start_soon(self.history.run, self, name="history")
                 bound = await nursery.start(self.server.run, host, port)
@@ -154,6 +168,16 @@ class Tracker:
 
     def shutdown(self) -> None:
         self.server.shutdown()
+
+    async def _heal(self) -> None:
+        """Run the healer; when the metadata database is out of reach, start it over once it
+        is back, with the start-up grace again (keepers may have lost us meanwhile)."""
+        while True:
+            try:
+                await self.healer.run()
+            except StoreUnavailable as exc:
+                log.warning("healer paused: %s", exc)
+                await trio.sleep(1.0)
 
     async def handle(
         self, msg: m.Message, payload: bytearray, peer: str

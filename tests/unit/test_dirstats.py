@@ -1,7 +1,8 @@
 """The recursive totals the tracker keeps per directory (`dfs du`): after random mixes of
 creates, unlinks, renames across directories (replacing and exchanging), hard links,
 symlinks, commits, truncates, punches and rmdirs, every directory's kept totals equal a walk
-of its tree; they survive a restart, and a database made before them is migrated."""
+of its tree, on both stores (SQLite and PostgreSQL); they survive a restart, and a SQLite
+database made before them is migrated."""
 
 from __future__ import annotations
 
@@ -14,14 +15,16 @@ import pytest
 
 from cluster.errors import DfsError
 from cluster.tracker.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, Namespace
-from cluster.tracker.store import ROOT_INO, ChunkRow, DirStats, SqliteStore
+from cluster.tracker.store import ROOT_INO, ChunkRow, DirStats, SqliteStore, SqlStore
+from tests.conftest import OpenStore
+from tests.stores import sql_rows
 
 FILE = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
 CHUNK = 1 << 16
 
 
-def walk(store: SqliteStore, ino: int) -> DirStats:
+def walk(store: SqlStore, ino: int) -> DirStats:
     """The totals of the tree at directory `ino`, counted name by name (the oracle)."""
     total = DirStats(dirs=1)
     after = 0
@@ -46,11 +49,11 @@ def walk(store: SqliteStore, ino: int) -> DirStats:
     return total
 
 
-def check(store: SqliteStore) -> None:
+def check(store: SqlStore) -> None:
     kept = store.kept_dirstats()
     dirs = [
-        ino for ino, in store.db.execute("SELECT ino FROM inodes WHERE (mode & ?) = ?",
-                                          (0o170000, stat.S_IFDIR))
+        ino for ino, in sql_rows(store, "SELECT ino FROM inodes WHERE (mode & ?) = ?",
+                                 (0o170000, stat.S_IFDIR))
     ]  # fmt: skip
     assert sorted(kept) == sorted(dirs)
     for ino in dirs:
@@ -77,13 +80,13 @@ def commit(ns: Namespace, ino: int, size: int, next_id: list[int]) -> None:
 
 def random_ops(ns: Namespace, rng: random.Random, steps: int) -> None:
     store = ns.store
-    assert isinstance(store, SqliteStore)
+    assert isinstance(store, SqlStore)
     dirs = list(store.kept_dirstats())
-    next_id = [store.db.execute("SELECT COALESCE(max(chunk_id), 0) FROM chunks").fetchone()[0]]
+    next_id = [sql_rows(store, "SELECT COALESCE(max(chunk_id), 0) FROM chunks")[0][0]]
     names = [b"a", b"b", b"c", b"d"]
 
     def entries() -> list[tuple[int, bytes, int]]:
-        rows = store.db.execute("SELECT parent, name, ino FROM dentries").fetchall()
+        rows = sql_rows(store, "SELECT parent, name, ino FROM dentries")
         return [(int(p), bytes(n), int(i)) for p, n, i in rows]
 
     def files() -> list[int]:
@@ -144,8 +147,8 @@ def random_ops(ns: Namespace, rng: random.Random, steps: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_totals_equal_a_walk_after_random_operations(tmp_path: Path, seed: int) -> None:
-    store = SqliteStore(tmp_path / "meta.db")
+def test_totals_equal_a_walk_after_random_operations(open_store: OpenStore, seed: int) -> None:
+    store = open_store()
     ns = Namespace(store, chunk_size=CHUNK)
     rng = random.Random(seed)
     random.seed(seed)
@@ -153,13 +156,13 @@ def test_totals_equal_a_walk_after_random_operations(tmp_path: Path, seed: int) 
         random_ops(ns, rng, 60)
         check(store)
     store.close()
-    again = SqliteStore(tmp_path / "meta.db")  # a restart: the totals were persisted
+    again = open_store()  # a restart: the totals were persisted
     check(again)
     again.close()
 
 
-def test_hard_links_count_once_per_name(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "meta.db")
+def test_hard_links_count_once_per_name(open_store: OpenStore) -> None:
+    store = open_store()
     ns = Namespace(store, chunk_size=CHUNK)
     a = ns.make_node(ROOT_INO, b"a", DIR, 0, 0)
     b = ns.make_node(ROOT_INO, b"b", DIR, 0, 0)
@@ -186,6 +189,7 @@ def test_hard_links_count_once_per_name(tmp_path: Path) -> None:
 
 
 def test_a_database_without_totals_is_migrated(tmp_path: Path) -> None:
+    """SQLite only: PostgreSQL databases start at a schema version with the totals."""
     path = tmp_path / "meta.db"
     store = SqliteStore(path)
     ns = Namespace(store, chunk_size=CHUNK)

@@ -1,5 +1,7 @@
-"""The tracker's two-step durability on a real SQLite file: ids never handed out twice across
-an unclean stop, and group syncs that cover every commit made before they were asked for."""
+"""The tracker's durability: on both stores (a real SQLite file, a real PostgreSQL database),
+ids and chunk versions never handed out twice across an unclean stop; on SQLite, group syncs
+that cover every commit made before they were asked for; on PostgreSQL, no sync at all, as a
+commit is durable when it returns."""
 
 from __future__ import annotations
 
@@ -10,17 +12,21 @@ import trio
 
 from cluster.tracker.durability import BACKGROUND_SYNC_S, GroupSync
 from cluster.tracker.namespace import Namespace
+from cluster.tracker.pgstore import PostgresStore
 from cluster.tracker.store import (
     ROOT_INO,
     SKIP_AFTER_CRASH,
     VERSION_SKIP_AFTER_CRASH,
+    MetadataStore,
     SqliteStore,
 )
+from tests.conftest import OpenStore
+from tests.stores import crash
 
 FILE = stat.S_IFREG | 0o644
 
 
-def _new_ids(store: SqliteStore, name: bytes) -> tuple[int, int]:
+def _new_ids(store: MetadataStore, name: bytes) -> tuple[int, int]:
     """Create a file and allocate a chunk id; return (inode number, chunk id)."""
     inode = Namespace(store, chunk_size=1 << 20).make_node(ROOT_INO, name, FILE, 0, 0)
     with store.transaction():
@@ -28,60 +34,57 @@ def _new_ids(store: SqliteStore, name: bytes) -> tuple[int, int]:
     return inode.ino, chunk_id
 
 
-def _crash(store: SqliteStore) -> None:
-    """Stop the way SIGKILL or a power loss does: without `close`."""
-    store.db.close()
-
-
-def test_ids_jump_after_an_unclean_stop(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "meta.db")
+def test_ids_jump_after_an_unclean_stop(open_store: OpenStore) -> None:
+    store = open_store()
     ino, chunk_id = _new_ids(store, b"a")
-    _crash(store)
-    store = SqliteStore(tmp_path / "meta.db")
+    crash(store)
+    store = open_store()
     next_ino, next_chunk = _new_ids(store, b"b")
     assert next_ino > ino + SKIP_AFTER_CRASH
     assert next_chunk > chunk_id + SKIP_AFTER_CRASH
     store.close()
 
 
-def test_ids_go_on_after_a_clean_stop(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "meta.db")
+def test_ids_go_on_after_a_clean_stop(open_store: OpenStore) -> None:
+    store = open_store()
     ino, chunk_id = _new_ids(store, b"a")
     store.close()
-    store = SqliteStore(tmp_path / "meta.db")
+    store = open_store()
     assert _new_ids(store, b"b") == (ino + 1, chunk_id + 1)
     # Still open: a crash now must be noticed at the next start.
-    _crash(store)
-    store = SqliteStore(tmp_path / "meta.db")
+    crash(store)
+    store = open_store()
     assert _new_ids(store, b"c")[0] > ino + SKIP_AFTER_CRASH
     store.close()
 
 
-def _version(store: SqliteStore, chunk_id: int) -> int:
+def _version(store: MetadataStore, chunk_id: int) -> int:
     with store.transaction():
         return store.next_version(chunk_id)
 
 
-def test_chunk_versions_jump_after_an_unclean_stop(tmp_path: Path) -> None:
+def test_chunk_versions_jump_after_an_unclean_stop(open_store: OpenStore) -> None:
     """Allocations are not fsynced (a new version of a chunk is handed out many times a second
     to a log written with O_DSYNC): a version lost with the last second of commits must still
-    never be handed out again."""
-    store = SqliteStore(tmp_path / "meta.db")
+    never be handed out again. (PostgreSQL loses no commit, but a database restored or failed
+    over to an asynchronous replica can: it jumps the same way.)"""
+    store = open_store()
     first = [_version(store, 7) for _ in range(3)]
     assert first == [1, 2, 3]
-    _crash(store)
-    store = SqliteStore(tmp_path / "meta.db")
+    crash(store)
+    store = open_store()
     after = _version(store, 7)
     assert after > 3 + VERSION_SKIP_AFTER_CRASH - 1
     assert _version(store, 7) == after + 1  # one jump per chunk, then one by one
     assert _version(store, 8) > VERSION_SKIP_AFTER_CRASH  # a chunk first seen now jumps too
     store.close()
-    store = SqliteStore(tmp_path / "meta.db")
+    store = open_store()
     assert _version(store, 7) == after + 2  # a clean stop: no jump
     store.close()
 
 
 async def test_one_fsync_serves_every_waiting_caller(tmp_path: Path) -> None:
+    """SQLite only: the WAL fsync that PostgreSQL does inside COMMIT (see the next test)."""
     store = SqliteStore(tmp_path / "meta.db")
     durable = GroupSync(store)
     assert not durable.behind
@@ -103,6 +106,20 @@ async def test_one_fsync_serves_every_waiting_caller(tmp_path: Path) -> None:
     store.close()
 
 
+async def test_postgresql_commits_need_no_sync(pg_uri: str) -> None:
+    """A PostgreSQL commit is durable when COMMIT returns: the group sync has nothing to wait
+    for, while the change mark still moves with every commit."""
+    store = PostgresStore(pg_uri)
+    durable = GroupSync(store)
+    before = store.changes()
+    Namespace(store, chunk_size=1 << 20).make_node(ROOT_INO, b"f", FILE, 0, 0)
+    assert store.changes() != before
+    assert not durable.behind
+    await durable.sync()
+    assert durable.syncs == 0
+    store.close()
+
+
 async def test_background_sync_catches_up_within_its_interval(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "meta.db")
     durable = GroupSync(store)
@@ -116,11 +133,11 @@ async def test_background_sync_catches_up_within_its_interval(tmp_path: Path) ->
     store.close()
 
 
-def test_ids_jump_even_if_the_crash_came_before_any_was_used(tmp_path: Path) -> None:
+def test_ids_jump_even_if_the_crash_came_before_any_was_used(open_store: OpenStore) -> None:
     """A store that crashed before its first name or chunk still jumps: the counters to move
     exist from the start."""
-    _crash(SqliteStore(tmp_path / "meta.db"))
-    store = SqliteStore(tmp_path / "meta.db")
+    crash(open_store())
+    store = open_store()
     ino, chunk_id = _new_ids(store, b"a")
     assert chunk_id > SKIP_AFTER_CRASH
     ((cookie, _, child),) = store.list_dentries(ROOT_INO, 0, 10)
@@ -130,7 +147,8 @@ def test_ids_jump_even_if_the_crash_came_before_any_was_used(tmp_path: Path) -> 
 
 
 class _WrappingStore(SqliteStore):
-    """SQLite's change count as CPython reports it, opened 3 changes short of its wrap."""
+    """SQLite's change count as CPython reports it, opened 3 changes short of its wrap (SQLite
+    only: PostgreSQL's mark is a Python integer)."""
 
     def __init__(self, path: Path) -> None:
         self._offset = 0

@@ -1,4 +1,5 @@
-"""POSIX rules of the tracker's namespace on a real SQLite file."""
+"""POSIX rules of the tracker's namespace on each metadata store: a real SQLite file and a real
+PostgreSQL database (the `open_store` fixture)."""
 
 from __future__ import annotations
 
@@ -25,14 +26,16 @@ from cluster.errors import (
 from cluster.tracker.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, Namespace
 from cluster.tracker.store import ROOT_INO, ChunkRow, SqliteStore
 from cluster.xattrs import XATTR_CREATE, XATTR_REPLACE
+from tests.conftest import OpenStore
+from tests.stores import sql_rows
 
 FILE = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
 
 
 @pytest.fixture
-def ns(tmp_path: Path) -> Namespace:
-    return Namespace(SqliteStore(tmp_path / "meta.db"), chunk_size=1 << 20)
+def ns(open_store: OpenStore) -> Namespace:
+    return Namespace(open_store(), chunk_size=1 << 20)
 
 
 def test_create_lookup_and_errors(ns: Namespace) -> None:
@@ -130,12 +133,12 @@ def test_readdir_cookies_survive_removals(ns: Namespace) -> None:
     assert names == [b"f%d" % i for i in range(10) if i != 5]
 
 
-def test_state_survives_reopen(tmp_path: Path) -> None:
-    ns = Namespace(SqliteStore(tmp_path / "meta.db"), 1 << 20)
+def test_state_survives_reopen(open_store: OpenStore) -> None:
+    ns = Namespace(open_store(), 1 << 20)
     d = ns.make_node(ROOT_INO, b"d", DIR, 0, 0)
     ns.symlink(d.ino, b"l", b"../target", 0, 0)
     ns.store.close()
-    again = Namespace(SqliteStore(tmp_path / "meta.db"), 1 << 20)
+    again = Namespace(open_store(), 1 << 20)
     assert again.readlink(again.resolve(b"/d/l").ino) == b"../target"
 
 
@@ -143,9 +146,7 @@ def test_state_survives_reopen(tmp_path: Path) -> None:
 
 
 def xattr_rows(ns: Namespace) -> int:
-    store = ns.store
-    assert isinstance(store, SqliteStore)
-    return int(store.db.execute("SELECT count(*) FROM xattrs").fetchone()[0])
+    return int(sql_rows(ns.store, "SELECT count(*) FROM xattrs")[0][0])
 
 
 def test_xattrs_set_get_list_remove_as_ext4(ns: Namespace) -> None:
@@ -270,6 +271,8 @@ def test_xattrs_are_deleted_with_their_inode(ns: Namespace) -> None:
 
 
 def test_xattrs_survive_reopen_and_old_databases_get_the_table(tmp_path: Path) -> None:
+    """SQLite only: a database made before extended attributes existed (PostgreSQL databases
+    start at a schema version that has them)."""
     store = SqliteStore(tmp_path / "meta.db")
     store.db.execute("DROP TABLE xattrs")  # a database made before extended attributes
     store.close()
