@@ -747,8 +747,11 @@ class Client:
         the hops down a pipeline. Bigger writes go down the pipeline (keepers[0] forwards to
         the next as it writes), so the writer sends the bytes once.
         """
+        # Down a pipeline, a keeper waits io_timeout_s per keeper after it (keeper/server.py)
+        # before it reports one failed: the writer waits one more, to hear that report.
         timeout = self.io_timeout_s + len(data) / (20 << 20)
         if len(data) > FANOUT_MAX_BYTES or len(keepers) < 2:
+            timeout += self.io_timeout_s * (len(keepers) - 1)
             targets = [(keepers[0], dataclasses.replace(request, forward=keepers[1:]))]
         else:
             targets = [(addr, dataclasses.replace(request, forward=[])) for addr in keepers]

@@ -76,7 +76,7 @@ async def _run(settings: dict[str, Any], credentials: Credentials) -> None:
     store = ChunkStore(data_dir, settings["capacity"])
     await trio.to_thread.run_sync(store.scan)
     host, port = split_addr(settings["listen"])
-    keeper = KeeperServer(store, credentials)
+    keeper = KeeperServer(store, credentials, io_timeout_s=settings["io_timeout_s"])
     server = Server(keeper, ServeOptions(role="keeper", credentials=credentials))
     replicator = Replicator(keeper, settings["replicate_rate_mb_s"])
     scrubber = Scrubber(keeper, settings["scrub_rate_mb_s"])

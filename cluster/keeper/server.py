@@ -22,12 +22,23 @@ from cluster.rpc import ConnectionPool
 
 log = logging.getLogger(__name__)
 
-FORWARD_TIMEOUT_S = 30.0
+# A forward to the next keeper of a chain fails after io_timeout_s per keeper left in the chain
+# plus the time to send the bytes at this rate: a keeper cut off (silent, not refusing) is
+# reported as failed while the writer still waits, so the writer blames it, not us.
+FORWARD_BYTES_PER_S = 20 << 20
 
 
 class KeeperServer:
-    def __init__(self, store: ChunkStore, credentials: Credentials, addr: str = "") -> None:
+    def __init__(
+        self,
+        store: ChunkStore,
+        credentials: Credentials,
+        addr: str = "",
+        *,
+        io_timeout_s: float = 10.0,
+    ) -> None:
         self.store = store
+        self.io_timeout_s = io_timeout_s
         self.credentials = credentials
         self.addr = addr  # set once the listening port is known
         self.peers = ConnectionPool("keeper", credentials)
@@ -56,7 +67,8 @@ class KeeperServer:
 
         async def forward() -> None:
             try:
-                with trio.fail_after(FORWARD_TIMEOUT_S):
+                chain = len(msg.forward)
+                with trio.fail_after(self.io_timeout_s * chain + len(data) / FORWARD_BYTES_PER_S):
                     reply, _ = await self.peers.call(
                         msg.forward[0],
                         dataclasses.replace(msg, forward=msg.forward[1:]),

@@ -28,7 +28,7 @@ from tests.cluster_procs import Daemon, ProcCluster, chunk_files, wait_until
 from tests.conftest import MakeCluster, random_file
 
 MiB = 1 << 20
-CHUNK = 1 * MiB
+CHUNK = 2 * MiB  # past FANOUT_MAX_BYTES: chunks go down the keeper pipeline
 TiB = 1 << 40
 GiB = 1 << 30
 
