@@ -47,7 +47,9 @@ cache too; memfs keeps its data in its own memory, which is the point of a ceili
 
 Output: one table on stdout (each row: dfs, memfs, ext4, dfs/memfs, dfs/ext4; a fraction
 below 1 means dfs is slower, also for rows measured in seconds or MiB, where it is the
-reference divided by dfs), and the same as JSON (default bench/results/last.json).
+reference divided by dfs), and the same as JSON (default bench/results/last.json), and a
+screenshot of the tracker's status page (its history charts) after the run beside it
+(`last.status.png`, headless Chromium).
 
 Every phase has a deadline (`--phase-timeout`, or one derived from its size); whatever happens,
 including Ctrl-C or SIGTERM, everything is unmounted and every process this started is stopped
@@ -90,7 +92,7 @@ from bench.procs import (
     write_bytes,
 )
 from bench.smallwrites import RANDOM_FILE_BYTES
-from tests.cluster_procs import ProcCluster
+from tests.cluster_procs import ProcCluster, free_port
 
 BIN = Path(sys.executable).parent
 MB = 1_000_000
@@ -193,6 +195,7 @@ class Bench:
     cleanups: list[tuple[str, Hook]] = field(default_factory=list)
     cold_cache: bool = True
     cluster: ProcCluster | None = None
+    http_port: int = 0  # of the tracker's status page
     mounts: list[FuseMount] = field(default_factory=list)
     results: dict[str, dict[str, float]] = field(default_factory=dict)
     rss: dict[str, float] = field(default_factory=dict)
@@ -446,7 +449,15 @@ class Bench:
         self.phase = "starting the cluster"
         root = self.scratch / "cluster"
         root.mkdir()
-        cluster = ProcCluster(root, REPLICATION, CHUNK_SIZE, HEARTBEAT_S, DEAD_AFTER_S)
+        self.http_port = free_port()
+        cluster = ProcCluster(
+            root,
+            REPLICATION,
+            CHUNK_SIZE,
+            HEARTBEAT_S,
+            DEAD_AFTER_S,
+            tracker_args=["--http", f"127.0.0.1:{self.http_port}"],
+        )
         self.cluster = cluster
         self.on_cleanup("stop the cluster", cluster.stop)
         # The daemons start with SIGINT blocked (the mask survives exec), so that a Ctrl-C at
@@ -542,6 +553,25 @@ class Bench:
         )
         self.namespace = json.loads(out)
 
+    def screenshot_status_page(self) -> None:
+        """The tracker's status page after the run, as a PNG beside the JSON (headless
+        Chromium); a failure is reported, not fatal: the figures are the point."""
+        self.phase = "screenshot of the status page"
+        shot = Path(self.args.json).with_suffix(".status.png")
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        argv = [
+            "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={self.scratch / 'chromium'}", "--virtual-time-budget=2000",
+            f"--screenshot={shot}", "--window-size=1200,1500",
+            f"http://127.0.0.1:{self.http_port}/",
+        ]  # fmt: skip
+        try:
+            run_bounded(argv, 120, what=self.phase)
+            self.say(f"status page after the run: {shot}")
+        except (BenchError, OSError) as exc:
+            self.say(f"no screenshot of the status page: {exc}")
+
     def run(self) -> None:
         self.phase = "making the source files"
         self.say(f"scratch directory {self.scratch}; sizes {self.sizes}")
@@ -558,6 +588,7 @@ class Bench:
             self.run_cli(cluster)
         if self.args.namespace_files:
             self.run_namespace(cluster)
+        self.screenshot_status_page()
         assert cluster.tracker is not None
         self.rss["tracker"] = peak_rss_mib(cluster.tracker.pid)
         for i, keeper in enumerate(cluster.keepers):
