@@ -121,3 +121,23 @@ def test_synced_writes_take_a_spare_version_instead_of_allocating(
     m.unmount()
     m.restart()
     assert path.read_bytes() == block * 50
+
+
+def test_names_in_a_directory_just_made_here_are_looked_up_locally(
+    make_cluster: MakeCluster, mount: MountFactory, tmp_path: Path
+) -> None:
+    """`tar x` and `cp -r` look up each name before creating it; in a directory this mount
+    just made, the answer (no such name, or the file made since) needs no tracker request."""
+    trace = tmp_path / "trace"
+    cluster = make_cluster(keepers=2, replication=2, env={"DFS_TRACE": str(trace)})
+    m = mount(cluster)
+    (m.path / "d").mkdir()
+    clear(trace)
+    for i in range(5):
+        assert not (m.path / "d" / f"f{i}").exists()
+        (m.path / "d" / f"f{i}").write_bytes(b"x")
+        assert (m.path / "d" / f"f{i}").stat().st_size == 1
+    found = spans(trace)
+    assert served(found, "dfs-tracker", "Lookup") == 0, Counter(found)
+    assert served(found, "dfs-tracker", "MakeNode") == 5
+    assert sorted(os.listdir(m.path / "d")) == [f"f{i}" for i in range(5)]
