@@ -266,9 +266,14 @@ async def cmd_stat(client: Client, args: argparse.Namespace) -> int:
 
 async def cmd_status(client: Client, args: argparse.Namespace) -> int:
     status = await client.cluster_status()
+    trackers = await client.tracker_roles()
     if args.json:
-        print(json.dumps(status.document()))
+        print(json.dumps({**status.document(), "trackers": trackers}))
         return 0
+    for t in trackers:
+        leader = t["leader"]
+        epoch = f", epoch {leader['epoch']}" if leader and t["role"] == "active" else ""
+        print(f"tracker {t['addr']}: {t['role']}{epoch}")
     print(
         f"replication {status.replication}, chunk size {_size(status.chunk_size_bytes)},"
         f" {status.files} inodes, {status.chunks} chunks"

@@ -38,6 +38,7 @@ from cluster.errors import (
     DfsError,
     IsADir,
     NoSpace,
+    NotActive,
     NotADir,
     NotFound,
     StoreUnavailable,
@@ -46,6 +47,7 @@ from cluster.errors import (
 )
 from cluster.protocol import PAYLOADS
 from cluster.rpc import ConnectionPool
+from cluster.trackers import Trackers, roles
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +182,7 @@ class Client:
         role: str = "client",
     ) -> None:
         self.tracker = tracker
+        self.trackers = Trackers(tracker)  # which of them is active, as last seen
         self.retry_window_s = retry_window_s
         self.io_timeout_s = io_timeout_s
         self.session = uuid.uuid4().hex
@@ -206,28 +209,40 @@ class Client:
     # --- tracker calls --------------------------------------------------------------------
 
     async def _tracker(self, request: m.Message, response: type[R]) -> R:
-        """Call the tracker, retrying while it is unreachable, for at most retry_window_s."""
+        """Call the active tracker, retrying while it is unreachable or while the trackers
+        hand over (cluster/trackers.py), for at most retry_window_s."""
         delay = 0.05
+        hops = 0  # NotActive answers followed in a row
         deadline = trio.current_time() + self.retry_window_s
         while True:
+            addr = self.trackers.current
             try:
                 with trio.fail_after(max(self.io_timeout_s, 30.0)):
-                    reply, _ = await self.pool.call(self.tracker, request, response)
+                    reply, _ = await self.pool.call(addr, request, response)
                 return reply
             except StoreUnavailable as exc:
                 # The tracker is up, its database is not (restarting, failing over).
                 if trio.current_time() + delay > deadline:
                     raise
                 log.info("tracker's database unreachable (%s), retrying in %.2fs", exc, delay)
-                await trio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            except NotActive as exc:
+                # A standby: go where it points, or to the next tracker.
+                if trio.current_time() + delay > deadline:
+                    raise Unavailable(f"no active tracker among {self.trackers}: {exc}") from None
+                self.trackers.follow(exc)
+                hops += 1
+                if exc.hint and hops <= len(self.trackers.addrs):
+                    continue  # straight to the named tracker
+                log.info("no active tracker yet (%s), retrying in %.2fs", exc, delay)
             except (ConnectionLost, trio.TooSlowError) as exc:
                 if trio.current_time() + delay > deadline:
-                    raise Unavailable(f"tracker {self.tracker} unreachable: {exc}") from None
-                log.info("tracker unreachable (%s), retrying in %.2fs", exc, delay)
-                self.pool.drop(self.tracker)
-                await trio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                    raise Unavailable(f"tracker {addr} unreachable: {exc}") from None
+                log.info("tracker %s unreachable (%s), retrying in %.2fs", addr, exc, delay)
+                self.pool.drop(addr)
+                self.trackers.next()
+            hops = 0
+            await trio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     def _note_parent(self, parent_attr: list[int] | None) -> None:
         if parent_attr is not None:
@@ -405,6 +420,10 @@ class Client:
     async def statfs(self) -> FsStats:
         r = await self._tracker(m.StatFs(), m.StatFsReply)
         return FsStats(r.capacity_bytes, r.used_bytes, r.free_bytes, r.files)
+
+    async def tracker_roles(self) -> list[dict[str, Any]]:
+        """Every tracker of the list: address, role (active, standby, unreachable), lease."""
+        return await roles(self.pool, self.trackers.addrs)
 
     async def cluster_status(self) -> m.ClusterStatusReply:
         return await self._tracker(m.ClusterStatus(), m.ClusterStatusReply)

@@ -56,6 +56,20 @@ def _addr(value: Any) -> str:
     return text
 
 
+def _addrs(value: Any) -> str:
+    """One HOST:PORT or a comma-separated list of them (the trackers: one active, the others
+    standing by); kept as the text, spaces dropped."""
+    parts = [p.strip() for p in str(value).split(",") if p.strip()]
+    if not parts:
+        raise ValueError("expected HOST:PORT[,HOST:PORT...]")
+    return ",".join(_addr(p) for p in parts)
+
+
+def addr_list(value: str) -> list[str]:
+    """The addresses of a `tracker` setting."""
+    return [p.strip() for p in value.split(",") if p.strip()]
+
+
 def _store(value: Any) -> str:
     """`sqlite`, or a PostgreSQL URI (postgresql://USER@HOST:PORT/DB, ?host=/socket/dir)."""
     text = str(value).strip()
@@ -96,7 +110,13 @@ SERVERS = ("tracker", "keeper")
 KEYS: dict[str, Key] = {
     k.name: k
     for k in (
-        Key("tracker", _addr, "127.0.0.1:9420", "the tracker's HOST:PORT", ALL),
+        Key(
+            "tracker",
+            _addrs,
+            "127.0.0.1:9420",
+            "the tracker's HOST:PORT, or a comma-separated list of trackers",
+            ALL,
+        ),
         Key("secret_file", _str, "", "the cluster secret file (mode 0600)", ALL),
         Key("tls_ca", _str, "", "CA certificate that signs the servers' certificates", ALL),
         Key("tls_cert", _str, "", "this server's TLS certificate", ("cluster", *SERVERS)),
@@ -115,6 +135,13 @@ KEYS: dict[str, Key] = {
             _store,
             "sqlite",
             "the metadata store: sqlite (in data) or a postgresql:// URI",
+            ("tracker",),
+        ),
+        Key(
+            "lease_s",
+            _float,
+            5.0,
+            "how long the active tracker's lease lasts without renewal (PostgreSQL)",
             ("tracker",),
         ),
         Key("replication", _int, 3, "default copies per chunk", ("cluster", "tracker")),

@@ -104,6 +104,26 @@ class StoreUnavailable(Unavailable):
     code = 21
 
 
+class NotActive(Unavailable):
+    """this tracker is a standby; the message names the active one ("not active, try
+    HOST:PORT") when it knows it"""
+
+    # Worth retrying elsewhere: clients go to the hinted tracker, or to the next one of their
+    # `tracker` list when there is no hint, within retry_window_s.
+    code = 22
+    PREFIX = "not active, try "
+
+    @property
+    def hint(self) -> str:
+        """The active tracker's HOST:PORT named in the message, or ""."""
+        text = self.message
+        return text[len(self.PREFIX) :].strip() if text.startswith(self.PREFIX) else ""
+
+    @classmethod
+    def pointing_to(cls, addr: str) -> NotActive:
+        return cls(cls.PREFIX + addr if addr else "not active, no active tracker yet")
+
+
 class ConnectionLost(Unavailable):
     """The peer could not be reached or the link broke: worth retrying elsewhere or later.
     Never sent on the wire (it travels as Unavailable)."""
@@ -243,6 +263,7 @@ ERRORS_BY_CODE: dict[int, type[DfsError]] = {
         OutOfRange,
         NotSupported,
         StoreUnavailable,
+        NotActive,
     )
 }
 

@@ -78,6 +78,8 @@ class MsgType(IntEnum):
     DECOMMISSION = 75
     DISK_USAGE = 76
     DISK_USAGE_REPLY = 77
+    TRACKER_ROLE = 78
+    TRACKER_ROLE_REPLY = 79
     # keeper -> tracker
     REGISTER_KEEPER = 80
     HEARTBEAT = 81
@@ -677,6 +679,27 @@ class ReportBadChunk(Message):
 @dataclass(frozen=True, slots=True)
 class ClusterStatus(Message):
     TYPE = MsgType.CLUSTER_STATUS
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class TrackerRole(Message):
+    """Answered by every tracker, active or standby (`dfs status` asks each of its list)."""
+
+    TYPE = MsgType.TRACKER_ROLE
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class TrackerRoleReply(Message):
+    """`role`: active or standby; `leader`: the leader row as this tracker last read it
+    (holder, epoch, addr, expires_in_s), empty with SQLite, where the one tracker is always
+    active."""
+
+    TYPE = MsgType.TRACKER_ROLE_REPLY
+    role: str
+    addr: str
+    leader: dict[str, Any] = field(default_factory=dict)
 
 
 @message

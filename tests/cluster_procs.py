@@ -121,15 +121,23 @@ class ProcCluster:
     extra_env: dict[str, str] = field(default_factory=dict)
     tracker: Daemon | None = None
     keepers: list[Daemon] = field(default_factory=list)
+    # More trackers on the same store (PostgreSQL), standing by: `add_tracker`.
+    standbys: list[Daemon] = field(default_factory=list)
 
     @property
     def secret_file(self) -> Path:
         return self.root / "secret"
 
     @property
-    def tracker_addr(self) -> str:
+    def trackers(self) -> list[Daemon]:
+        """The first tracker and those added with `add_tracker`."""
         assert self.tracker is not None
-        return self.tracker.addr
+        return [self.tracker, *self.standbys]
+
+    @property
+    def tracker_addr(self) -> str:
+        """The `tracker` setting: the tracker's HOST:PORT, or the list of them."""
+        return ",".join(d.addr for d in self.trackers if d.addr)
 
     @property
     def env(self) -> dict[str, str]:
@@ -140,7 +148,7 @@ class ProcCluster:
         env["DFS_SECRET_FILE"] = str(self.secret_file)
         env.update(self.extra_env)
         if self.tracker is not None and self.tracker.addr:
-            env["DFS_TRACKER"] = self.tracker.addr
+            env["DFS_TRACKER"] = self.tracker_addr
         return env
 
     def start_tracker(self) -> Daemon:
@@ -166,6 +174,22 @@ class ProcCluster:
         )  # fmt: skip
         self.tracker.start(self.env)
         return self.tracker
+
+    def add_tracker(self) -> Daemon:
+        """Start one more tracker with the first one's flags (so on its store, which must be
+        PostgreSQL to be shared) on a port of its own: it stands by while another is active."""
+        assert self.tracker is not None
+        n = len(self.standbys) + 1
+        argv = list(self.tracker.argv)
+        argv[argv.index("--listen") + 1] = "127.0.0.1:0"
+        data = self.root / f"tracker{n}"
+        argv[argv.index("--data") + 1] = str(data)
+        daemon = Daemon(
+            f"tracker{n}", argv, data, self.root / f"tracker{n}.log", "dfs-tracker: listening on"
+        )
+        self.standbys.append(daemon)
+        daemon.start(self.env)
+        return daemon
 
     def add_keeper(
         self, capacity: int | None = None, zone: str = "", args: Sequence[str] = ()
@@ -259,7 +283,7 @@ class ProcCluster:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        for daemon in [*self.keepers, self.tracker]:
+        for daemon in [*self.keepers, self.tracker, *self.standbys]:
             if daemon is not None:
                 daemon.stop()
 
@@ -274,7 +298,7 @@ class ProcCluster:
         return self.fsck()[0] == 0
 
     def logs(self) -> str:
-        parts = [d.logs() for d in [self.tracker, *self.keepers] if d is not None]
+        parts = [d.logs() for d in [self.tracker, *self.standbys, *self.keepers] if d is not None]
         return "\n".join(parts)
 
 

@@ -4,6 +4,11 @@ Each heartbeat carries free space and the chunks added or removed since the last
 reply carries commands (chunk versions to delete). Whenever the tracker is unreachable or asks
 for it (`reregister`, after a tracker restart), the keeper registers again with its full
 inventory, so the tracker's soft state is always rebuilt from the truth on disk.
+
+With several trackers (`tracker` lists them), a standby answers NotActive: the keeper goes to
+the tracker it names (or, without a name or when a tracker cannot be reached, to the next of
+the list) and registers there, so a tracker that takes over hears from every keeper within a
+heartbeat or two.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import trio
 
 from cluster import messages as m
 from cluster import metrics
-from cluster.errors import DfsError
+from cluster.errors import ConnectionLost, DfsError, NotActive
 from cluster.keeper.replicator import Replicator
 from cluster.keeper.server import KeeperServer
 from cluster.rpc import ConnectionPool
+from cluster.trackers import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +42,16 @@ class Heartbeat:
     ) -> None:
         self.server = server
         self.replicator = replicator
-        self.tracker = tracker
+        self.trackers = Trackers(tracker)
         self.keeper_id = keeper_id
         self.zone = zone
         self.heartbeat_s = heartbeat_s
         self.pool = ConnectionPool("keeper", server.credentials)
+
+    @property
+    def tracker(self) -> str:
+        """The tracker this keeper reports to (the active one, as far as it knows)."""
+        return self.trackers.current
 
     async def run(self) -> None:
         delay = 0.1
@@ -49,9 +60,16 @@ class Heartbeat:
                 await self._register()
                 delay = 0.1
                 await self._beat_until_lost()
+            except NotActive as exc:
+                log.info("tracker %s: %s", self.tracker, exc)
+                self.trackers.follow(exc)
+                if exc.hint:
+                    delay = 0.05  # register with the active tracker at once
             except (DfsError, trio.TooSlowError) as exc:
                 log.info("tracker %s unreachable (%s); retrying", self.tracker, exc or "timeout")
                 self.pool.drop(self.tracker)
+                if isinstance(exc, (ConnectionLost, trio.TooSlowError)):
+                    self.trackers.next()
             except Exception:
                 # Never let the link to the tracker die of a bug: log it, register again.
                 log.exception("heartbeat failed")

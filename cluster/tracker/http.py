@@ -96,6 +96,20 @@ def _keeper_rows(status: dict[str, Any]) -> str:
     return "".join(rows)
 
 
+def _tracker_rows(status: dict[str, Any]) -> str:
+    """One line per tracker: address and role (active, standby, unreachable)."""
+    parts = []
+    for t in status.get("trackers", []):
+        leader = t.get("leader") or {}
+        epoch = f" (epoch {leader['epoch']})" if t["role"] == "active" and leader else ""
+        cls = "bad" if t["role"] == "unreachable" else ""
+        parts.append(
+            f'<span class="{cls}">tracker {escape(str(t["addr"]))}: {escape(t["role"])}'
+            f"{escape(epoch)}</span>"
+        )
+    return "".join(parts)
+
+
 def _charts(ring: dict[str, Any], start: float, end: float) -> str:
     times = ring["t"]
     cluster = ring["cluster"]
@@ -164,6 +178,7 @@ def render_page(status: dict[str, Any], history: dict[str, Any], span: str) -> s
 <body>
 <h1>dfs cluster</h1>
 <p class="summary" id="summary">{_summary(status)}</p>
+<p class="summary" id="trackers">{_tracker_rows(status)}</p>
 <table><thead><tr><th>keeper</th><th>state</th><th>zone</th><th>space</th><th>used</th>
 <th>chunks</th><th>last heard</th></tr></thead><tbody id="keepers">{_keeper_rows(status)}</tbody>
 </table>
@@ -185,13 +200,18 @@ def _span(request: Request) -> str | None:
 
 
 def make_app(tracker: Tracker) -> Starlette:
+    async def document() -> dict[str, Any]:
+        status = tracker.status().document()
+        status["trackers"] = await tracker.tracker_roles()
+        return status
+
     async def page(request: Request) -> HTMLResponse:
         span = _span(request) or "hour"
-        status = tracker.status().document()
+        status = await document()
         return HTMLResponse(render_page(status, tracker.history.document(span), span))
 
     async def api_status(request: Request) -> JSONResponse:
-        return JSONResponse(tracker.status().document())
+        return JSONResponse(await document())
 
     async def api_history(request: Request) -> JSONResponse:
         return JSONResponse(tracker.history.document(_span(request)))

@@ -58,6 +58,8 @@ async def _run(settings: dict[str, Any], credentials: Credentials) -> None:
         dead_after_s=float(settings["dead_after_s"]),
         gc_grace_s=float(settings["gc_grace_s"]),
         store=str(settings["store"]),
+        lease_s=float(settings["lease_s"]),
+        peers=config.addr_list(str(settings["tracker"])),
         credentials=credentials,
     )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -92,7 +94,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     _, settings = config.parse(parser, "tracker", argv)
     setup_logging(str(settings["log_level"]), "dfs-tracker")
     if not settings["listen"]:
-        settings["listen"] = str(settings["tracker"])
+        trackers = config.addr_list(str(settings["tracker"]))
+        if len(trackers) > 1:
+            parser.exit(2, "dfs-tracker: --listen HOST:PORT is required with several trackers\n")
+        settings["listen"] = trackers[0]
+    if float(settings["lease_s"]) < 2:
+        parser.exit(2, "dfs-tracker: lease_s must be at least 2 (it is renewed every second)\n")
     if not settings["data"] and settings["store"] == "sqlite":
         parser.exit(2, "dfs-tracker: --data DIR is required (or --store postgresql://...)\n")
     try:

@@ -28,20 +28,27 @@ differs is here:
     1. the tables of `SqliteStore`'s SCHEMA in PostgreSQL types (every integer BIGINT, as
        SQLite's are 64-bit; names, targets and extended attributes BYTEA), with `counters`
        holding the id counters, the root directory and its totals.
+    2. `leader`: one row, the lease of the active tracker when several share the database
+       (holder, epoch, expiry by the database's clock, the active one's HOST:PORT; see
+       cluster/tracker/leader.py).
+
+- *Fencing.* While `fence` is set (a tracker that shares the database through the lease),
+  every transaction first reads the lease's epoch `FOR SHARE` and fails with NotActive unless
+  it is `fence`; `on_fenced` is then called, and the tracker steps down.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 import psycopg.errors
 
-from cluster.errors import StoreUnavailable
+from cluster.errors import NotActive, StoreUnavailable, Unavailable
 from cluster.tracker.store import (
     _INODE_COLUMNS,
     ROOT_INO,
@@ -63,6 +70,10 @@ STATEMENT_TIMEOUT_MS = 10_000
 # instead of hanging the tracker on a socket read (libpq's tcp_user_timeout and keepalives;
 # Unix sockets ignore them).
 TCP_TIMEOUT_MS = 10_000
+# A transaction left open by a tracker that stopped in it (SIGSTOP, a hung host) is rolled
+# back by the server after this long, so that its lock on the lease cannot hold a takeover up:
+# the tracker never waits for anything but the database inside a transaction.
+IDLE_IN_TRANSACTION_MS = 5_000
 # Taken for the schema check and migrations, so that trackers starting at once migrate once.
 MIGRATION_LOCK = 0x64667321
 
@@ -164,6 +175,19 @@ INSERT INTO dirstats VALUES ({ROOT_INO}, 0, 1, 0, 0, 0);
 INSERT INTO counters (name, value) VALUES
     ('inodes', {ROOT_INO}), ('dentries', 0), ('chunk_id', 1);
 """,
+    2: """
+-- The lease of the active tracker (cluster/tracker/leader.py): one row, id 1. A standby takes
+-- over once `expires` (the database's clock) has passed, bumping `epoch`; every transaction
+-- of the active tracker checks the epoch is still its own.
+CREATE TABLE leader (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    holder  TEXT NOT NULL,         -- host/pid/random of the tracker holding it; '' never held
+    epoch   BIGINT NOT NULL,       -- +1 at every takeover
+    expires TIMESTAMPTZ NOT NULL,  -- renewed every second by the holder
+    addr    TEXT NOT NULL          -- the active tracker's HOST:PORT, for standbys to point to
+);
+INSERT INTO leader VALUES (1, '', 0, '2000-01-01 00:00:00+00', '');
+""",
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -177,17 +201,28 @@ def redact(uri: str) -> str:
 class PostgresStore(SqlStore):
     durable_at_commit = True
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, *, start: bool = True) -> None:
+        """Connect and migrate; with `start`, also begin as the one tracker (`start()`); a
+        tracker that shares the database calls `start()` once it holds the lease."""
         super().__init__()
         self.uri = uri
         self.db: psycopg.Connection[tuple[Any, ...]] | None = None
         self._sql: dict[str, str] = {}  # `?` statements -> psycopg's `%s`
         self._commits = 0
         self._broken = False  # the connection of the transaction under way was lost
+        # The lease epoch every transaction must find (None: no check; -1: never, a standby).
+        self.fence: int | None = None
+        self.on_fenced: Callable[[], object] = lambda: None
         try:
             self._migrate()
         except StoreUnavailable as exc:
             raise StoreUnavailable(f"{redact(uri)}: {exc}") from None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Begin serving as the active tracker: the start-up counters (module docstring)."""
+        self._dir_parent.clear()
         self._start_counters()
 
     # --- the connection -------------------------------------------------------------------
@@ -203,7 +238,8 @@ class PostgresStore(SqlStore):
                 self.uri,
                 autocommit=True,
                 connect_timeout=CONNECT_TIMEOUT_S,
-                options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+                options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+                f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}",
                 application_name="dfs-tracker",
                 tcp_user_timeout=TCP_TIMEOUT_MS,
                 keepalives=1,
@@ -275,6 +311,8 @@ class PostgresStore(SqlStore):
         self._depth = 1
         self._broken = False
         try:
+            if self.fence is not None:
+                self._check_fence()
             yield
             if self._broken:
                 raise StoreUnavailable("the connection to the metadata database was lost")
@@ -291,6 +329,21 @@ class PostgresStore(SqlStore):
             self._commit()
         finally:
             self._depth = 0
+
+    def _check_fence(self) -> None:
+        """(first in a transaction) Fail unless the lease is still at our epoch; the share
+        lock keeps a takeover waiting until this transaction ends."""
+        row = self._exec(
+            "SELECT epoch, addr, expires > now() FROM leader WHERE id = 1 FOR SHARE"
+        ).fetchone()
+        if row is not None and int(row[0]) == self.fence:
+            return
+        was_active = self.fence != -1
+        self.fence = -1
+        if was_active:
+            log.warning("the lease moved on (epoch %s): stepping down", row[0] if row else None)
+            self.on_fenced()
+        raise NotActive.pointing_to(str(row[1]) if row is not None and row[2] else "")
 
     def _commit(self) -> None:
         """COMMIT on the connection the transaction ran on (never on a new one, where it
@@ -365,7 +418,9 @@ class PostgresStore(SqlStore):
         try:
             with self.transaction():
                 self._set_clean_stop(1)
-        except StoreUnavailable as exc:
+        except NotActive:
+            pass  # a standby: the active tracker keeps the store open
+        except Unavailable as exc:
             log.warning("could not mark a clean stop in the metadata database: %s", exc)
         if self.db is not None:
             self.db.close()

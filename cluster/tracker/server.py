@@ -8,6 +8,7 @@ chunks and leave with their next heartbeat reply.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import stat
 import time
@@ -20,8 +21,10 @@ import trio
 from cluster import messages as m
 from cluster.auth import Credentials
 from cluster.errors import (
+    DfsError,
     InvalidArgument,
     NoSpace,
+    NotActive,
     NotFound,
     StaleChunk,
     StoreUnavailable,
@@ -29,14 +32,17 @@ from cluster.errors import (
     printable,
 )
 from cluster.protocol import Payload
+from cluster.rpc import ConnectionPool
 from cluster.serve import ServeOptions, Server
 from cluster.tracker import placement
 from cluster.tracker.durability import GroupSync
 from cluster.tracker.healer import Healer
 from cluster.tracker.history import History
 from cluster.tracker.keepers import KeeperRegistry, KeeperState
+from cluster.tracker.leader import RENEW_S, Lease
 from cluster.tracker.namespace import Namespace, Removal
 from cluster.tracker.store import ChunkRow, Inode, SqliteStore, SqlStore
+from cluster.trackers import roles
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +75,7 @@ def open_store(spec: str, data_dir: Path) -> SqlStore:
         return SqliteStore(data_dir / "meta.db")
     from cluster.tracker.pgstore import PostgresStore, redact  # psycopg only when asked for
 
-    store = PostgresStore(spec)
+    store = PostgresStore(spec, start=False)  # started once it holds the lease
     log.info("metadata in PostgreSQL at %s", redact(spec))
     return store
 
@@ -85,32 +91,40 @@ class Tracker:
         dead_after_s: float = 30.0,
         gc_grace_s: float = 3600.0,
         store: str = "sqlite",
+        lease_s: float = 5.0,
+        peers: list[str] | None = None,
         credentials: Credentials,
     ) -> None:
         self.credentials = credentials
         self.server = Server(self, ServeOptions(role="tracker", credentials=credentials))
         if not 0 < chunk_size <= MAX_CHUNK_SIZE or chunk_size % 65536:
             raise ValueError("chunk_size must be a multiple of 64 KiB, at most 64 MiB")
-        self.store = open_store(store, data_dir)
-        self.namespace = Namespace(self.store, chunk_size)
-        self.durable = GroupSync(self.store)
-        self.registry = KeeperRegistry(dead_after_s, self.store.draining())
-        self.healer = Healer(
-            self.store,
-            self.registry,
-            replication,
-            interval_s=min(1.0, heartbeat_s),
-            startup_grace_s=dead_after_s,
-            copy_timeout_s=max(30.0, 10 * heartbeat_s),
-            gc_grace_s=gc_grace_s,
-        )
         self.replication = replication
         self.chunk_size = chunk_size
         self.heartbeat_s = heartbeat_s
+        self.dead_after_s = dead_after_s
+        self.gc_grace_s = gc_grace_s
+        self.addr = ""  # HOST:PORT, once listening
+        self.peers = peers or []  # every tracker of the `tracker` list, for the status page
         self.history = History()
-        removal = self.namespace.collect_orphans()
-        if removal.chunks:
-            log.info("collected %d chunks of files unlinked while open", len(removal.chunks))
+        self.store = open_store(store, data_dir)
+        # With PostgreSQL, trackers sharing the database take turns through a lease (leader.py)
+        # and only its holder is active; with SQLite the one tracker always is.
+        self.lease: Lease | None = None
+        if store != "sqlite":
+            from cluster.tracker.pgstore import PostgresStore
+
+            assert isinstance(self.store, PostgresStore)
+            self.lease = Lease(self.store, lease_s)
+            self.store.fence = -1  # a standby until it holds the lease
+            self.store.on_fenced = self._step_down
+        self.active = False
+        self._active_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._pool: ConnectionPool | None = None  # to the other trackers, for tracker_roles
+        self._fresh_state(set())
+        if self.lease is None:
+            self._activate()
         self._handlers: dict[type[m.Message], Callable[[Any, str], Awaitable[m.Message]]] = {
             m.Lookup: self.lookup,
             m.GetAttr: self.get_attr,
@@ -148,22 +162,125 @@ class Tracker:
             m.Goodbye: self.goodbye,
         }
 
+    def _fresh_state(self, draining: set[str]) -> None:
+        """The in-memory state of a tracker that has just started: no keepers known yet."""
+        self.namespace = Namespace(self.store, self.chunk_size)
+        self.durable = GroupSync(self.store)
+        self.registry = KeeperRegistry(self.dead_after_s, draining)
+        self.healer = Healer(
+            self.store,
+            self.registry,
+            self.replication,
+            interval_s=min(1.0, self.heartbeat_s),
+            startup_grace_s=self.dead_after_s,
+            copy_timeout_s=max(30.0, 10 * self.heartbeat_s),
+            gc_grace_s=self.gc_grace_s,
+        )
+
+    def _activate(self) -> None:
+        """Become the active tracker, as at a fresh start after an unclean stop: the store's
+        start-up (ids jump), no keeper known until they register, the healer waiting
+        dead_after_s before it acts."""
+        if self.lease is not None:
+            self.lease.store.fence = self.lease.epoch
+            self.lease.store.start()
+        self._fresh_state(self.store.draining())
+        removal = self.namespace.collect_orphans()
+        if removal.chunks:
+            log.info("collected %d chunks of files unlinked while open", len(removal.chunks))
+        self.active = True
+        if self._nursery is not None:
+            self._nursery.start_soon(self._active_tasks, name="active")
+
+    def _step_down(self) -> None:
+        """The lease went to another tracker: serve nothing until it comes back to us."""
+        if self.lease is not None:
+            self.lease.store.fence = -1
+            self.lease.epoch = None
+        if not self.active:
+            return
+        log.warning("no longer the active tracker: standing by")
+        self.active = False
+        if self._active_scope is not None:
+            self._active_scope.cancel()
+        self._fresh_state(set())
+
+    async def _active_tasks(self) -> None:
+        """What only the active tracker runs; cancelled when it steps down."""
+        with trio.CancelScope() as scope:
+            self._active_scope = scope
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heal, name="healer")
+                nursery.start_soon(self.durable.run, name="background sync")
+
+    async def _lead(self) -> None:
+        """Hold the lease while active (renew it every RENEW_S); while standing by, take it
+        as soon as it expires."""
+        while True:
+            await trio.sleep(RENEW_S)
+            self._lease_step()
+
+    def _lease_step(self) -> None:
+        assert self.lease is not None
+        try:
+            if self.active:
+                if not self.lease.renew():
+                    log.warning("the lease was taken by %s", self.lease.row.addr or "?")
+                    self._step_down()
+            elif self.lease.try_acquire():
+                try:
+                    self._activate()
+                except Unavailable as exc:  # the database went away, or the lease moved on
+                    log.warning("could not become active: %s", exc)
+                    self._step_down()
+        except StoreUnavailable as exc:
+            log.debug("lease: %s", exc)
+
+    def role(self) -> m.TrackerRoleReply:
+        return m.TrackerRoleReply(
+            role="active" if self.active else "standby",
+            addr=self.addr,
+            leader=self.lease.row.as_dict() if self.lease else {},
+        )
+
+    async def tracker_roles(self) -> list[dict[str, Any]]:
+        """Every tracker of the `tracker` list and this one: address, role, the lease as each
+        sees it (the status page; `dfs status` asks them itself)."""
+        own = self.addr
+        # One address is just this tracker's own `tracker` setting, not a list of peers.
+        addrs = [a for a in self.peers if a != own] if len(self.peers) > 1 else []
+        if self._pool is None:
+            self._pool = ConnectionPool("tracker", self.credentials)
+        found = await roles(self._pool, addrs)
+        mine = self.role()
+        found.append({"addr": own, "role": mine.role, "leader": mine.leader})
+        return sorted(found, key=lambda t: str(t["addr"]))
+
     async def run(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve until cancelled or `shutdown()`; `task_status.started(port)` once accepting."""
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._heal, name="healer")
-                nursery.start_soon(self.durable.run, name="background sync")
+                self._nursery = nursery
                 nursery.start_soon(self.history.run, self, name="history")
                 bound = await nursery.start(self.server.run, host, port)
+                self.addr = f"{host}:{bound}"
+                if self.lease is None:
+                    nursery.start_soon(self._active_tasks, name="active")
+                else:
+                    self.lease.addr = self.addr
+                    self._lease_step()  # a first try before the ready line
+                    nursery.start_soon(self._lead, name="lease")
                 task_status.started(bound)
                 # After shutdown() the server finishes the requests (commits) in flight and
                 # returns; then the healer stops too.
                 await self.server.finished.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            if self.lease is not None:
+                with contextlib.suppress(DfsError):
+                    self.lease.release()  # a standby need not wait for the expiry
             self.store.close()
 
     def shutdown(self) -> None:
@@ -178,10 +295,17 @@ class Tracker:
             except StoreUnavailable as exc:
                 log.warning("healer paused: %s", exc)
                 await trio.sleep(1.0)
+            except NotActive:
+                return  # stepped down (the scope is cancelled)
 
     async def handle(
         self, msg: m.Message, payload: bytearray, peer: str
     ) -> tuple[m.Message, Payload]:
+        if type(msg) is m.TrackerRole:
+            return self.role(), b""
+        if not self.active:
+            assert self.lease is not None
+            raise self.lease.not_active()
         handler = self._handlers.get(type(msg))
         if handler is None:
             raise InvalidArgument(f"the tracker does not serve {type(msg).__name__}")
