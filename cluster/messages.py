@@ -815,6 +815,9 @@ class RegisterKeeper(Message):
     capacity_bytes: int
     used_bytes: int
     chunks: list[HeldChunk]
+    # More of the inventory of the registration just made (a big one comes in parts): added
+    # to what the tracker has for this keeper rather than starting over.
+    continued: bool = False
 
 
 @message

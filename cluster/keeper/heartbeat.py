@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 RETRY_MAX_S = 2.0
 
 
+# Chunks per RegisterKeeper request: about 1.5 MB of header, inside protocol.MAX_HEADER.
+REGISTER_PART = 100_000
+
+
 class Heartbeat:
     def __init__(
         self,
@@ -89,18 +93,22 @@ class Heartbeat:
         # Deltas collected before this point are covered by the full inventory.
         self.server.added.clear()
         self.server.removed.clear()
-        request = m.RegisterKeeper(
-            keeper_id=self.keeper_id,
-            addr=self.server.addr,
-            zone=self.zone,
-            capacity_bytes=store.capacity_bytes,
-            used_bytes=store.used_bytes,
-            chunks=store.held(),
-        )
-        with trio.fail_after(30):
-            reply, _ = await self.pool.call(self.tracker, request, m.RegisterReply)
+        held = store.held()
+        # In parts: a request's header is bounded (protocol.MAX_HEADER), a disk of chunks not.
+        for start in range(0, max(1, len(held)), REGISTER_PART):
+            request = m.RegisterKeeper(
+                keeper_id=self.keeper_id,
+                addr=self.server.addr,
+                zone=self.zone,
+                capacity_bytes=store.capacity_bytes,
+                used_bytes=store.used_bytes,
+                chunks=held[start : start + REGISTER_PART],
+                continued=start > 0,
+            )
+            with trio.fail_after(30):
+                reply, _ = await self.pool.call(self.tracker, request, m.RegisterReply)
         self.heartbeat_s = reply.heartbeat_s or self.heartbeat_s
-        log.info("registered with tracker %s (%d chunks)", self.tracker, len(request.chunks))
+        log.info("registered with tracker %s (%d chunks)", self.tracker, len(held))
 
     async def _beat_until_lost(self) -> None:
         while True:

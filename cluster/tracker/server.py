@@ -80,6 +80,10 @@ def open_store(spec: str, data_dir: Path) -> SqlStore:
     return store
 
 
+# Chunks of a keeper's report checked between two chances for other requests to run.
+CLASSIFY_SLICE = 5000
+
+
 class Tracker:
     def __init__(
         self,
@@ -747,17 +751,26 @@ class Tracker:
 
     # --- keepers --------------------------------------------------------------------------
 
-    def _classify(self, keeper: KeeperState, held: list[list[int]]) -> None:
-        """Record what a keeper holds; queue deletion of versions no file needs."""
+    async def _classify(self, keeper: KeeperState, held: list[list[int]]) -> None:
+        """Record what a keeper holds; queue deletion of versions no file needs. A keeper's
+        whole inventory is checked in slices, letting other requests through between them:
+        a hundred keepers re-registering after a takeover must not starve the handshakes and
+        heartbeats of the rest."""
+        pairs: list[tuple[int, int]] = []
         for item in held:
-            if len(item) != 2:
+            if len(item) != 2 or not all(type(x) is int and 0 <= x < 1 << 63 for x in item):
                 raise InvalidArgument("malformed chunk report")
-            chunk_id, version = item
-            committed = self.store.committed_version(chunk_id)
-            if committed == version or self.store.is_allocated(chunk_id, version):
-                self.registry.chunks.add(keeper.keeper_id, chunk_id, version)
-            else:
-                keeper.to_delete.add((chunk_id, version))
+            pairs.append((item[0], item[1]))
+        for start in range(0, len(pairs), CLASSIFY_SLICE):
+            part = pairs[start : start + CLASSIFY_SLICE]
+            needed = self.store.needed_versions(part)
+            for chunk_id, version in part:
+                if (chunk_id, version) in needed:
+                    self.registry.chunks.add(keeper.keeper_id, chunk_id, version)
+                else:
+                    keeper.to_delete.add((chunk_id, version))
+            if len(pairs) > CLASSIFY_SLICE:
+                await trio.lowlevel.checkpoint()
 
     @staticmethod
     def _check_space(capacity: int, used: int) -> None:
@@ -773,10 +786,16 @@ class Tracker:
 
     async def register_keeper(self, msg: m.RegisterKeeper, peer: str) -> m.Message:
         self._check_space(msg.capacity_bytes, msg.used_bytes)
+        known = self.registry.keepers.get(msg.keeper_id)
+        if msg.continued and known is not None:
+            await self._classify(known, msg.chunks)
+            return m.RegisterReply(heartbeat_s=self.heartbeat_s)
+        if msg.continued:  # its first part went to a tracker that is gone: start over
+            raise NotFound(f"keeper {msg.keeper_id[:8]} has no registration to continue")
         keeper = self.registry.register(
             msg.keeper_id, msg.addr, msg.zone, msg.capacity_bytes, msg.used_bytes
         )
-        self._classify(keeper, msg.chunks)
+        await self._classify(keeper, msg.chunks)
         log.info(
             "keeper %s at %s registered with %d chunks (%d to delete)",
             msg.keeper_id[:8],
@@ -798,7 +817,7 @@ class Tracker:
         keeper.read_bytes, keeper.written_bytes = msg.read_bytes, msg.written_bytes
         for chunk_id, version in ((c[0], c[1]) for c in msg.removed if len(c) == 2):
             self.registry.chunks.remove(keeper.keeper_id, chunk_id, version)
-        self._classify(keeper, msg.added)
+        await self._classify(keeper, msg.added)
         for chunk_id, _version in ((c[0], c[1]) for c in msg.added if len(c) == 2):
             row = self.store.chunk_by_id(chunk_id)
             self.healer.copy_arrived(keeper.keeper_id, chunk_id, row.length if row else 0)

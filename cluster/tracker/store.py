@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 ROOT_INO = 1
+# Chunk ids per query when a keeper's report is checked (SQLite takes up to 32,766 values).
+NEEDED_BATCH = 500
 # How far inode numbers, directory cookies and chunk ids jump after an unclean stop: far more
 # than a tracker hands out in the second of commits such a stop can lose.
 SKIP_AFTER_CRASH = 1 << 20
@@ -293,6 +295,7 @@ class MetadataStore(Protocol):
     def allocation_for(self, ino: int, idx: int) -> int | None: ...
     def remove_allocation(self, chunk_id: int, version: int) -> bool: ...
     def is_allocated(self, chunk_id: int, version: int) -> bool: ...
+    def needed_versions(self, held: Sequence[tuple[int, int]]) -> set[tuple[int, int]]: ...
     def count_inodes(self) -> int: ...
     def chunk_goals(self) -> list[tuple[int, int, int, int]]: ...
     def chunk_by_id(self, chunk_id: int) -> ChunkRow | None: ...
@@ -751,6 +754,25 @@ class SqlStore:
             ).fetchone()
             is not None
         )
+
+    def needed_versions(self, held: Sequence[tuple[int, int]]) -> set[tuple[int, int]]:
+        """Which (chunk id, version) pairs of a keeper's report a file needs: the committed
+        version, or one allocated and not committed yet. Two queries per few hundred chunks,
+        not two per chunk: a keeper's inventory is hundreds of thousands of them."""
+        needed: set[tuple[int, int]] = set()
+        for start in range(0, len(held), NEEDED_BATCH):
+            part = held[start : start + NEEDED_BATCH]
+            ids = sorted({chunk_id for chunk_id, _ in part})
+            marks = ",".join("?" * len(ids))
+            known = {
+                (int(chunk_id), int(version))
+                for table in ("chunks", "allocations")
+                for chunk_id, version in self._exec(
+                    f"SELECT chunk_id, version FROM {table} WHERE chunk_id IN ({marks})", ids
+                ).fetchall()
+            }
+            needed.update(pair for pair in part if pair in known)
+        return needed
 
 
 class SqliteStore(SqlStore):
