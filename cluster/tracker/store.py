@@ -298,6 +298,7 @@ class MetadataStore(Protocol):
     def needed_versions(self, held: Sequence[tuple[int, int]]) -> set[tuple[int, int]]: ...
     def count_inodes(self) -> int: ...
     def chunk_goals(self) -> list[tuple[int, int, int, int]]: ...
+    def chunk_goals_after(self, after: int, limit: int) -> list[tuple[int, int, int, int]]: ...
     def chunk_by_id(self, chunk_id: int) -> ChunkRow | None: ...
     def expired_allocations(self, older_than_ns: int) -> list[tuple[int, int]]: ...
     def draining(self) -> set[str]: ...
@@ -727,6 +728,16 @@ class SqlStore:
         )
 
     # --- health ---------------------------------------------------------------------------
+
+    def chunk_goals_after(self, after: int, limit: int) -> list[tuple[int, int, int, int]]:
+        """`chunk_goals` of the first `limit` chunks with ids above `after`, in id order."""
+        rows = self._exec(
+            "SELECT c.chunk_id, c.version, c.length, i.replication"
+            " FROM chunks c JOIN inodes i ON c.ino = i.ino"
+            " WHERE c.chunk_id > ? ORDER BY c.chunk_id LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [(int(a), int(b), int(c), int(d)) for a, b, c, d in rows]
 
     def chunk_goals(self) -> list[tuple[int, int, int, int]]:
         """(chunk id, version, length, copies wanted; 0: the default) of every chunk."""
