@@ -11,7 +11,8 @@ workload on three targets, one after the other: a plain directory on the local e
 also holds the keepers' data, memfs, and the dfs mount. Then it puts and gets the big file with the
 `dfs` CLI, reads the peak RSS of dfs-mount and of every daemon, and, with
 `--namespace-files N`, measures the tracker's create and lookup rates with N files
-(`bench.namespace`).
+(`bench.namespace`), on SQLite and then on a PostgreSQL server started for the run, where it
+also times the takeover of a standby tracker after SIGKILL of the active one.
 
 Why three targets: absolute figures drift on shared machines, so each dfs figure is quoted as a
 fraction of figures taken in the same run. memfs is the ceiling of any Python FUSE filesystem on
@@ -78,6 +79,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import trio
+
 from bench.procs import (
     BenchError,
     FuseMount,
@@ -92,7 +95,12 @@ from bench.procs import (
     write_bytes,
 )
 from bench.smallwrites import RANDOM_FILE_BYTES
-from tests.cluster_procs import ProcCluster, free_port
+from cluster import messages as m
+from cluster.auth import Credentials
+from cluster.errors import DfsError, NotActive
+from cluster.rpc import ConnectionPool
+from tests.cluster_procs import Daemon, ProcCluster, free_port
+from tests.pg import PgServer
 
 BIN = Path(sys.executable).parent
 MB = 1_000_000
@@ -106,6 +114,8 @@ QUICK_SCALE = 1 / 16
 FILES_PER_DIR = 100
 # The repository `git clone` copies: this one.
 REPO = Path(__file__).resolve().parents[1]
+# The lease of the two trackers on PostgreSQL whose takeover is timed.
+PG_LEASE_S = 3.0
 SKIPPED_DIRS = {"__pycache__", "site-packages", "dist-packages"}
 # Derived phase deadlines: a floor, plus the work at a rate far below anything acceptable.
 DEADLINE_FLOOR_S = 60.0
@@ -200,6 +210,8 @@ class Bench:
     results: dict[str, dict[str, float]] = field(default_factory=dict)
     rss: dict[str, float] = field(default_factory=dict)
     namespace: dict[str, float] | None = None
+    namespace_pg: dict[str, float] | None = None
+    takeover_s: float | None = None
     phase: str = "setup"
 
     # --- helpers --------------------------------------------------------------------------
@@ -541,7 +553,7 @@ class Bench:
             "cli_get_mbs": s.big_bytes / MB / get,
         }
 
-    def run_namespace(self, cluster: ProcCluster) -> None:
+    def run_namespace(self, cluster: ProcCluster) -> dict[str, float]:
         n = self.args.namespace_files
         self.phase = f"namespace of {n} files"
         self.say(self.phase)
@@ -551,7 +563,38 @@ class Bench:
             env=cluster.env,
             what=self.phase,
         )
-        self.namespace = json.loads(out)
+        figures: dict[str, float] = json.loads(out)
+        return figures
+
+    def run_postgres(self) -> None:
+        """The tracker on PostgreSQL (a server started for the run, as the tests do): the
+        same namespace figures as on SQLite, then the takeover time when the active tracker
+        of two is SIGKILLed (until the standby answers a request)."""
+        self.phase = "starting PostgreSQL"
+        self.say(self.phase)
+        server = PgServer()
+        self.on_cleanup("stop PostgreSQL", server.stop)
+        server.start()
+        uri = server.uri(server.new_database())
+        root = self.scratch / "cluster-pg"
+        root.mkdir()
+        cluster = ProcCluster(
+            root,
+            REPLICATION,
+            CHUNK_SIZE,
+            HEARTBEAT_S,
+            DEAD_AFTER_S,
+            tracker_args=["--store", uri, "--lease-s", str(PG_LEASE_S)],
+        )
+        self.on_cleanup("stop the PostgreSQL cluster", cluster.stop)
+        cluster.start_tracker()
+        self.namespace_pg = self.run_namespace(cluster)
+        self.phase = "takeover after SIGKILL of the active tracker"
+        self.say(self.phase)
+        standby = cluster.add_tracker()
+        assert cluster.tracker is not None
+        credentials = Credentials.from_settings({"secret_file": str(cluster.secret_file)})
+        self.takeover_s = trio.run(_takeover, cluster.tracker, standby.addr, credentials)
 
     def screenshot_status_page(self) -> None:
         """The tracker's status page after the run, as a PNG beside the JSON (headless
@@ -587,8 +630,10 @@ class Bench:
         if self.args.only in ("", "big"):
             self.run_cli(cluster)
         if self.args.namespace_files:
-            self.run_namespace(cluster)
+            self.namespace = self.run_namespace(cluster)
         self.screenshot_status_page()
+        if self.args.namespace_files:
+            self.run_postgres()
         assert cluster.tracker is not None
         self.rss["tracker"] = peak_rss_mib(cluster.tracker.pid)
         for i, keeper in enumerate(cluster.keepers):
@@ -708,18 +753,36 @@ class Bench:
                     self.rss[f"keeper{i}"],
                 )
             )
-        if self.namespace is not None:
-            ns = self.namespace
+        for prefix, store, ns in [
+            ("ns", "", self.namespace),
+            ("ns_pg", " (PG)", self.namespace_pg),
+        ]:
+            if ns is None:
+                continue
             files = int(ns["files"])
             inflight = int(ns["concurrency"])
             for key, label in [
-                ("fill_creates_per_s", f"tracker: fill to {files} files, {inflight} in flight"),
-                ("creates_per_s", f"tracker create at {files}, {inflight} in flight"),
-                ("serial_creates_per_s", f"tracker create at {files}, 1 in flight"),
-                ("lookups_per_s", f"tracker lookup at {files}, {inflight} in flight"),
-                ("serial_lookups_per_s", f"tracker lookup at {files}, 1 in flight"),
+                (
+                    "fill_creates_per_s",
+                    f"tracker{store}: fill to {files} files, {inflight} in flight",
+                ),
+                ("creates_per_s", f"tracker{store} create at {files}, {inflight} in flight"),
+                ("serial_creates_per_s", f"tracker{store} create at {files}, 1 in flight"),
+                ("lookups_per_s", f"tracker{store} lookup at {files}, {inflight} in flight"),
+                ("serial_lookups_per_s", f"tracker{store} lookup at {files}, 1 in flight"),
             ]:
-                rows.append(Row(f"ns_{key}", label, "ops/s", True, ns[key]))
+                rows.append(Row(f"{prefix}_{key}", label, "ops/s", True, ns[key]))
+        if self.takeover_s is not None:
+            rows.append(
+                Row(
+                    "pg_takeover_s",
+                    f"takeover after SIGKILL, lease {PG_LEASE_S:g} s",
+                    "s",
+                    False,
+                    self.takeover_s,
+                    note="until the standby answers",
+                )
+            )
         return rows
 
 
@@ -802,6 +865,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+async def _takeover(active: Daemon, standby: str, credentials: Credentials) -> float:
+    """SIGKILL `active`; seconds until `standby` answers a request as the active tracker."""
+    pool = ConnectionPool("client", credentials)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # the standby is up and standing by
+            try:
+                await pool.call(standby, m.GetAttr(ino=1), m.AttrReply)
+                raise BenchError("the second tracker answered while the first was active")
+            except NotActive:
+                break
+            except DfsError:
+                if time.monotonic() > deadline:
+                    raise
+                await trio.sleep(0.05)
+        started = time.monotonic()
+        active.kill()
+        while True:
+            try:
+                await pool.call(standby, m.GetAttr(ino=1), m.AttrReply)
+                return time.monotonic() - started
+            except DfsError:
+                if time.monotonic() - started > 60:
+                    raise BenchError("no takeover within 60 s") from None
+                await trio.sleep(0.02)
+    finally:
+        await pool.aclose()
+
+
 def sizes_from(args: argparse.Namespace) -> Sizes:
     sizes = Sizes().scaled(QUICK_SCALE if args.quick else args.scale)
     if args.size_mb:
@@ -869,6 +961,8 @@ def main(argv: list[str] | None = None) -> int:
         "cluster": {"keepers": KEEPERS, "replication": REPLICATION, "chunk_size": CHUNK_SIZE},
         "peak_rss_mib": bench.rss,
         "namespace": bench.namespace,
+        "namespace_postgresql": bench.namespace_pg,
+        "takeover_s": bench.takeover_s,
         "rows": [r.as_dict() for r in rows],
     }
     print(table(rows))

@@ -53,6 +53,12 @@ DFS_ONLY = [
     "ns_serial_creates_per_s",
     "ns_lookups_per_s",
     "ns_serial_lookups_per_s",
+    "ns_pg_fill_creates_per_s",
+    "ns_pg_creates_per_s",
+    "ns_pg_serial_creates_per_s",
+    "ns_pg_lookups_per_s",
+    "ns_pg_serial_lookups_per_s",
+    "pg_takeover_s",
 ]
 
 
