@@ -29,7 +29,7 @@ from cluster import auth, config
 from cluster import messages as m
 from cluster.auth import Credentials
 from cluster.client import Attr, Client
-from cluster.errors import DfsError, IsADir, NotFound
+from cluster.errors import DfsError, IsADir, NotFound, printable
 from cluster.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class Progress:
     done, rate and time left; otherwise one line with the totals when it is done."""
 
     def __init__(self, label: str, total: int) -> None:
-        from rich import filesize
+        from rich import filesize, markup
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -129,7 +129,8 @@ class Progress:
             columns += [DownloadColumn(), AverageSpeed(), TextColumn("in")]
             columns += [TimeElapsedColumn()]
         self.bar = Bar(*columns, console=console, transient=False)
-        self.task = self.bar.add_task(label, total=total)
+        # The name as valid text (not UTF-8: \x escapes) and never read as rich markup.
+        self.task = self.bar.add_task(markup.escape(printable(label)), total=total)
 
     def __enter__(self) -> Progress:
         if self.bar.console.is_terminal:

@@ -135,3 +135,19 @@ def test_du_table_and_json(cluster: ProcCluster, tmp_path: Path) -> None:
     assert row.split() == ["2", "2", "6.0", "MiB", "2", "6.0", "MiB", "/t"]
     file_only = json.loads(cluster.dfs("du", "--json", "/t/a").stdout)
     assert (file_only["files"], file_only["dirs"], file_only["bytes"]) == (1, 0, 3 << 20)
+
+
+def test_progress_names_are_printable_and_never_markup(
+    cluster: ProcCluster, tmp_path: Path
+) -> None:
+    """A local name that is not UTF-8, or that looks like rich markup, is shown as it is:
+    escaped bytes, literal brackets; the line stays valid UTF-8."""
+    odd = os.fsencode(tmp_path) + b"/caf\xe9[bold]x[red]"
+    with open(odd, "wb") as f:
+        f.write(os.urandom(5000))
+    result = subprocess.run(
+        [str(BIN / "dfs"), "put", odd, "/odd"], capture_output=True, env=cluster.env, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    line = result.stderr.decode("utf-8")  # raises if it is not UTF-8
+    assert line.startswith("caf\\xe9[bold]x[red] "), line
