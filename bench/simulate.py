@@ -34,7 +34,7 @@ import trio
 from cluster import messages as m
 from cluster.auth import Credentials
 from cluster.errors import DfsError
-from cluster.keeper.heartbeat import REGISTER_PART
+from cluster.keeper.heartbeat import REGISTER_PART, REGISTER_TIMEOUT_S
 from cluster.rpc import ConnectionPool
 from cluster.tracker.store import ROOT_INO, SqliteStore
 from tests.cluster_procs import ProcCluster
@@ -107,7 +107,7 @@ class SimKeeper:
                         chunks=self.chunks[start : start + part],
                         continued=start > 0,
                     )
-                    with trio.fail_after(30):
+                    with trio.fail_after(REGISTER_TIMEOUT_S):
                         await self.pool.call(tracker, request, m.RegisterReply)
                 return
             except (DfsError, trio.TooSlowError):

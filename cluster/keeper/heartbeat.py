@@ -32,6 +32,12 @@ RETRY_MAX_S = 2.0
 
 # Chunks per RegisterKeeper request: about 1.5 MB of header, inside protocol.MAX_HEADER.
 REGISTER_PART = 100_000
+# How long one part may wait for the tracker. A tracker that has just taken over checks every
+# keeper's inventory at once (minutes of work with millions of chunks); a keeper that gave up
+# sooner would start its registration over, and with 30 s they all did, again and again
+# (bench/simulate.py, 100 keepers, 10 million chunks). A dead tracker shows as a broken
+# connection long before this.
+REGISTER_TIMEOUT_S = 600.0
 
 
 class Heartbeat:
@@ -105,7 +111,7 @@ class Heartbeat:
                 chunks=held[start : start + REGISTER_PART],
                 continued=start > 0,
             )
-            with trio.fail_after(30):
+            with trio.fail_after(REGISTER_TIMEOUT_S):
                 reply, _ = await self.pool.call(self.tracker, request, m.RegisterReply)
         self.heartbeat_s = reply.heartbeat_s or self.heartbeat_s
         log.info("registered with tracker %s (%d chunks)", self.tracker, len(held))
