@@ -45,7 +45,7 @@ from cluster.errors import (
     Unavailable,
     collapse,
 )
-from cluster.protocol import PAYLOADS
+from cluster.protocol import PAYLOADS, SLOWEST_TRANSFER_BYTES_PER_S
 from cluster.rpc import ConnectionPool
 from cluster.trackers import Trackers, roles
 
@@ -768,7 +768,7 @@ class Client:
         """
         # Down a pipeline, a keeper waits io_timeout_s per keeper after it (keeper/server.py)
         # before it reports one failed: the writer waits one more, to hear that report.
-        timeout = self.io_timeout_s + len(data) / (20 << 20)
+        timeout = self.io_timeout_s + len(data) / SLOWEST_TRANSFER_BYTES_PER_S
         if len(data) > FANOUT_MAX_BYTES or len(keepers) < 2:
             timeout += self.io_timeout_s * (len(keepers) - 1)
             targets = [(keepers[0], dataclasses.replace(request, forward=keepers[1:]))]

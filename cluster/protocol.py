@@ -34,6 +34,10 @@ PREFIX = struct.Struct(">II")
 # list of a 100 GiB file with room to spare, and bounds what a bad peer can make us buffer.
 MAX_HEADER = 4 * 1024 * 1024
 # The largest chunk (64 MiB) plus slack; payloads are only chunk data.
+# The slowest rate a chunk transfer is allowed before it counts as stalled: a writer's timeout
+# and a keeper's forward down a pipeline both grow by the bytes sent at this rate, and must
+# agree (the writer waits one hop longer than the keeper, to hear which keeper failed).
+SLOWEST_TRANSFER_BYTES_PER_S = 20 << 20
 MAX_PAYLOAD = 65 * 1024 * 1024
 
 Buffer = bytes | bytearray | memoryview

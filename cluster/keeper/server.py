@@ -17,15 +17,14 @@ from cluster import messages as m
 from cluster.auth import Credentials
 from cluster.errors import DfsError, InvalidArgument
 from cluster.keeper.chunkstore import ChunkStore, check_ids
-from cluster.protocol import PAYLOADS, Payload
+from cluster.protocol import PAYLOADS, SLOWEST_TRANSFER_BYTES_PER_S, Payload
 from cluster.rpc import ConnectionPool
 
 log = logging.getLogger(__name__)
 
 # A forward to the next keeper of a chain fails after io_timeout_s per keeper left in the chain
-# plus the time to send the bytes at this rate: a keeper cut off (silent, not refusing) is
-# reported as failed while the writer still waits, so the writer blames it, not us.
-FORWARD_BYTES_PER_S = 20 << 20
+# plus the time to send the bytes at the slowest allowed rate: a keeper cut off (silent, not
+# refusing) is reported as failed while the writer still waits, so the writer blames it.
 
 
 class KeeperServer:
@@ -67,8 +66,8 @@ class KeeperServer:
 
         async def forward() -> None:
             try:
-                chain = len(msg.forward)
-                with trio.fail_after(self.io_timeout_s * chain + len(data) / FORWARD_BYTES_PER_S):
+                sending = len(data) / SLOWEST_TRANSFER_BYTES_PER_S
+                with trio.fail_after(self.io_timeout_s * len(msg.forward) + sending):
                     reply, _ = await self.peers.call(
                         msg.forward[0],
                         dataclasses.replace(msg, forward=msg.forward[1:]),
