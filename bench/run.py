@@ -2,7 +2,7 @@
 
     python -m bench.run [--quick | --scale F] [--size-mb N] [--files N] [--creates N]
                         [--namespace-files N] [--memfs-writeback] [--only big|src|small]
-                        [--json PATH]
+                        [--no-hops | --hops-mb N] [--json PATH]
 
 What it does: starts a local cluster (a tracker and three keepers, replication 2, otherwise
 default settings) with its data in a scratch directory under /var/tmp, mounts it with
@@ -37,6 +37,11 @@ The workload (sizes for the full run; `--quick` divides them by 16, `--scale` by
   transactions of 50 rows in WAL mode (seconds); for dfs also the bytes the keepers wrote to
   disk per synced random write and copy (from /proc/PID/io, less the file's first 64 MiB);
 - `dfs put` and `dfs get` of the big file (MB/s; the other columns repeat cp and cat);
+- across hops (`bench.hops`, unless `--no-hops`): `cp` and `cat` of a 256 MiB file through a
+  dfs mount whose client, tracker and keepers each sit in a network namespace of their own,
+  joined by a userspace wire (this kernel has no sch_netem), first without delay or loss
+  (what the wire itself costs), then with a 1 ms round trip and 0.5% of frames lost (MB/s,
+  beside the loopback dfs figures of the same run; needs root and /dev/net/tun);
 - dfs-mount's peak RSS while the big file is copied in and read back (the larger of the two
   mount processes' peaks), and each keeper's and the tracker's peak RSS over the whole run
   (MiB, from VmHWM in /proc/PID/status).
@@ -81,6 +86,7 @@ from typing import Any
 
 import trio
 
+from bench.hops import run_hops
 from bench.procs import (
     BenchError,
     FuseMount,
@@ -133,6 +139,7 @@ class Sizes:
     random_writes: int = 300
     sqlite_txns: int = 200
     src_files: int = 3000
+    hops_bytes: int = 256 * MiB
 
     def scaled(self, scale: float) -> Sizes:
         return Sizes(
@@ -144,6 +151,7 @@ class Sizes:
             random_writes=max(20, round(self.random_writes * scale)),
             sqlite_txns=max(10, round(self.sqlite_txns * scale)),
             src_files=max(50, round(self.src_files * scale)),
+            hops_bytes=max(1, round(self.hops_bytes / MiB * scale)) * MiB,
         )
 
     @property
@@ -629,6 +637,8 @@ class Bench:
         self.run_dfs(cluster)
         if self.args.only in ("", "big"):
             self.run_cli(cluster)
+        if self.args.only in ("", "big") and not self.args.no_hops:
+            self.results["hops"] = run_hops(self, HEARTBEAT_S, DEAD_AFTER_S)
         if self.args.namespace_files:
             self.namespace = self.run_namespace(cluster)
         self.screenshot_status_page()
@@ -729,6 +739,22 @@ class Bench:
                     "memfs, ext4: cat, cold",
                 ),
             ]
+        hops = self.results.get("hops")
+        if hops is not None:
+            size = f"{s.hops_bytes // MiB} MiB"
+            ops = [("cp", " + sync", "big_cp_mbs"), ("cat", "", "big_cat_mbs")]
+            for setting, label in [("bare", "bare wire"), ("lossy", "1 ms, 0.5% loss")]:
+                for op, extra, loopback in ops:
+                    rows.append(
+                        Row(
+                            f"hops_{setting}_{op}_mbs",
+                            f"{op} {size}{extra}, hops: {label}",
+                            "MB/s",
+                            True,
+                            hops[f"hops_{setting}_{op}_mbs"],
+                            note=f"loopback {_num(dfs.get(loopback))} MB/s ({op} {s.big_label})",
+                        )
+                    )
         if "mount" in self.rss:
             rows.append(
                 Row(
@@ -833,6 +859,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"--scale {QUICK_SCALE}")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every size")
     parser.add_argument("--size-mb", type=int, help="big file in MiB (default 1024, scaled)")
+    parser.add_argument("--hops-mb", type=int, help="file across hops in MiB (default 256, scaled)")
     parser.add_argument("--files", type=int, help="files in the tree (default 2000, scaled)")
     parser.add_argument("--creates", type=int, help="empty creates (default 5000, scaled)")
     parser.add_argument(
@@ -852,6 +879,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--phase-timeout", type=float, default=0, help="seconds per phase (default: by size)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument(
+        "--no-hops",
+        action="store_true",
+        help="skip cp/cat across network namespaces and the lossy userspace wire (needs root)",
+    )
     parser.add_argument(
         "--only",
         choices=["big", "src", "small"],
@@ -898,6 +930,8 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     sizes = Sizes().scaled(QUICK_SCALE if args.quick else args.scale)
     if args.size_mb:
         sizes = dataclasses.replace(sizes, big_bytes=args.size_mb * MiB)
+    if args.hops_mb:
+        sizes = dataclasses.replace(sizes, hops_bytes=args.hops_mb * MiB)
     if args.files:
         sizes = dataclasses.replace(sizes, files=args.files)
     if args.creates:
@@ -963,6 +997,7 @@ def main(argv: list[str] | None = None) -> int:
         "namespace": bench.namespace,
         "namespace_postgresql": bench.namespace_pg,
         "takeover_s": bench.takeover_s,
+        "hops": bench.results.get("hops"),
         "rows": [r.as_dict() for r in rows],
     }
     print(table(rows))
@@ -974,6 +1009,12 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("page cache NOT dropped (not root): read figures are warm")
     if args.memfs_writeback:
         notes.append("memfs with the writeback cache")
+    if (hops := bench.results.get("hops")) is not None:
+        notes.append(
+            "across hops: client, tracker and keepers in network namespaces joined by a userspace"
+            f" wire (tests/wire.py); measured RTT {hops['hops_rtt_ms']:.2f} ms,"
+            f" {hops['hops_loss']:.2%} of frames dropped"
+        )
     notes.append(f"the run took {report['seconds']:.0f} s")
     print("\n".join(notes))
     out = Path(args.json)

@@ -23,8 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from cluster import auth
+from cluster import messages as m
 from cluster.client import Client
+from cluster.errors import NotActive
+from cluster.rpc import ConnectionPool
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 20.0
@@ -317,6 +322,28 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.2)
+
+
+def first_active_answer(secret_file: Path, addr: str, since: float, timeout: float) -> float:
+    """Seconds from `since` (time.monotonic) to the first request the tracker at `addr`
+    answers as the active tracker (polled every 20 ms, straight to it, through the client
+    library's own pool): a takeover's time, as a client sees it."""
+
+    async def poll() -> float:
+        credentials = auth.Credentials.from_settings({"secret_file": str(secret_file)})
+        pool = ConnectionPool("client", credentials)
+        try:
+            with trio.fail_after(timeout):
+                while True:
+                    try:
+                        await pool.call(addr, m.StatFs(), m.StatFsReply)
+                        return time.monotonic() - since
+                    except NotActive:
+                        await trio.sleep(0.02)
+        finally:
+            await pool.aclose()
+
+    return trio.run(poll)
 
 
 def chunk_files(data_dir: Path) -> list[Path]:

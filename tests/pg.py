@@ -5,6 +5,11 @@ PostgreSQL refuses to run as root, and tests run as root here: every PostgreSQL 
 runs as `nobody` (or DFS_TEST_PG_USER), whose directory it is. Each test gets a database of
 its own (`new_database`), dropped with its connections afterwards. If the server's binaries
 are missing the fixture fails, naming the package to install; it never skips.
+
+`PgServer(host=, netns=, allow=)` runs it instead in a network namespace of tests/netlab.py,
+listening on that host's address and trusting clients from `allow` (the lab's subnet): the
+test's own namespace cannot reach that address, so the server is managed through its Unix
+socket, which works across network namespaces.
 """
 
 from __future__ import annotations
@@ -29,7 +34,12 @@ START_TIMEOUT_S = 60
 
 
 class PgServer:
-    def __init__(self) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", netns: str | None = None, allow: str | None = None
+    ) -> None:
+        """`host`: the address to listen on; `netns`: the named network namespace (under
+        /run/netns) to run the server in; `allow`: a CIDR whose clients are trusted besides
+        127.0.0.1 (the servers of a lab, each in a namespace of its own)."""
         missing = [n for n in ("initdb", "pg_ctl", "postgres") if not (PG_BIN / n).is_file()]
         if missing:
             raise RuntimeError(
@@ -40,7 +50,10 @@ class PgServer:
         self.dir = Path(tempfile.mkdtemp(prefix="dfs-pg-"))
         self.data = self.dir / "data"
         self.log = self.dir / "postgres.log"
-        self.port = free_port()
+        self.host = host
+        self.netns = netns
+        self.allow = allow
+        self.port = free_port()  # free in the test's namespace; in `netns` any port is
         self._uid: int | None = None
         self._gid: int | None = None
         if os.geteuid() == 0:
@@ -50,11 +63,21 @@ class PgServer:
         self._databases = 0
 
     def _run(self, *argv: str, timeout: float = START_TIMEOUT_S) -> None:
+        uid, gid = self._uid, self._gid
+        if self.netns is not None:
+            # Entering a namespace needs root: enter it first, then become the server's user.
+            become = (
+                ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+                if uid is not None
+                else []
+            )
+            argv = ("nsenter", f"--net=/run/netns/{self.netns}", *become, *argv)
+            uid = gid = None
         result = subprocess.run(
             argv,
-            user=self._uid,
-            group=self._gid,
-            extra_groups=[] if self._uid is not None else None,
+            user=uid,
+            group=gid,
+            extra_groups=[] if uid is not None else None,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -75,14 +98,18 @@ class PgServer:
                 str(PG_BIN / "initdb"),
                 "-D", str(self.data),
                 "-U", SUPERUSER,
-                "--auth=trust",  # reachable only on 127.0.0.1 and a socket in a 0700 directory
+                "--auth=trust",  # reachable only on 127.0.0.1 (or `allow`, all in a lab) and
+                # a socket in a 0700 directory
                 "-E", "UTF8",
                 "--no-sync",  # initdb's own files; the server itself runs with fsync on
             )  # fmt: skip
+            if self.allow is not None:
+                with open(self.data / "pg_hba.conf", "a") as hba:
+                    hba.write(f"host all all {self.allow} trust\n")
         self._pg_ctl("start")
 
     def _pg_ctl(self, action: str) -> None:
-        options = f"-k {self.dir} -p {self.port} -c listen_addresses=127.0.0.1"
+        options = f"-k {self.dir} -p {self.port} -c listen_addresses={self.host}"
         self._run(
             str(PG_BIN / "pg_ctl"),
             action,
@@ -121,21 +148,25 @@ class PgServer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def uri(self, database: str = "postgres") -> str:
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{SUPERUSER}@{self.host}:{self.port}/{database}"
 
     def socket_uri(self, database: str) -> str:
         """The same server through its Unix socket."""
         return f"postgresql://{SUPERUSER}@/{database}?host={self.dir}&port={self.port}"
 
+    def _admin_uri(self) -> str:
+        """Where this process reaches the server: its address, or (in a namespace) its socket."""
+        return self.uri() if self.netns is None else self.socket_uri("postgres")
+
     def new_database(self) -> str:
         self._databases += 1
         name = f"dfs_test_{self._databases}"
-        with psycopg.connect(self.uri(), autocommit=True) as db:
+        with psycopg.connect(self._admin_uri(), autocommit=True) as db:
             db.execute(f"CREATE DATABASE {name}")
         return name
 
     def drop_database(self, name: str) -> None:
-        with psycopg.connect(self.uri(), autocommit=True) as db:
+        with psycopg.connect(self._admin_uri(), autocommit=True) as db:
             db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 

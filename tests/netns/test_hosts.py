@@ -14,7 +14,7 @@ import pytest
 
 from tests.cluster_procs import wait_until
 from tests.conftest import random_file
-from tests.netns.conftest import NetCluster
+from tests.netcluster import NetCluster
 
 pytestmark = pytest.mark.mount
 

@@ -18,7 +18,13 @@ from cluster import auth
 from cluster import messages as m
 from cluster.errors import NotActive
 from cluster.rpc import ConnectionPool
-from tests.cluster_procs import Daemon, ProcCluster, chunk_files, wait_until
+from tests.cluster_procs import (
+    Daemon,
+    ProcCluster,
+    chunk_files,
+    first_active_answer,
+    wait_until,
+)
 from tests.conftest import MakeCluster, random_file
 from tests.pg import PgServer
 
@@ -59,19 +65,8 @@ async def _pool(cluster: ProcCluster) -> AsyncIterator[ConnectionPool]:
 
 def _first_answer(cluster: ProcCluster, daemon: Daemon, since: float, timeout: float) -> float:
     """Seconds from `since` (time.monotonic) to the first request `daemon` answers as the
-    active tracker (polled every 20 ms, straight to it)."""
-
-    async def poll() -> float:
-        async with _pool(cluster) as pool:
-            with trio.fail_after(timeout):
-                while True:
-                    try:
-                        await pool.call(daemon.addr, m.StatFs(), m.StatFsReply)
-                        return time.monotonic() - since
-                    except NotActive:
-                        await trio.sleep(0.02)
-
-    return trio.run(poll)
+    active tracker."""
+    return first_active_answer(cluster.secret_file, daemon.addr, since, timeout)
 
 
 def _get_same(cluster: ProcCluster, remote: str, local: Path, tmp: Path) -> None:
