@@ -412,6 +412,44 @@ class Client:
             m.OkReply,
         )
 
+    # --- locks (cluster/tracker/locks.py) --------------------------------------------------
+
+    async def set_lock(
+        self,
+        ino: int,
+        owner: int,
+        *,
+        flock: bool,
+        lock_type: int,
+        start: int,
+        end: int,
+        pid: int,
+        wait_s: float = 0.0,
+    ) -> m.LockReply:
+        """Take, convert or release a lock of this session's `owner`; with `wait_s`, the
+        tracker holds the request that long while another owner's lock is in the way."""
+        request = m.SetLock(
+            ino=ino, session=self.session, owner=owner, flock=flock, type=lock_type,
+            start=start, end=end, pid=pid, wait_s=wait_s,
+        )  # fmt: skip
+        return await self._tracker(request, m.LockReply)
+
+    async def get_lock(
+        self, ino: int, owner: int, *, lock_type: int, start: int, end: int
+    ) -> m.LockReply:
+        """The first lock of another owner that conflicts with this one (F_GETLK)."""
+        request = m.GetLock(
+            ino=ino, session=self.session, owner=owner, type=lock_type, start=start, end=end
+        )
+        return await self._tracker(request, m.LockReply)
+
+    async def release_locks(self, ino: int, owner: int) -> None:
+        await self._tracker(m.ReleaseLocks(ino=ino, session=self.session, owner=owner), m.OkReply)
+
+    async def keep_locks(self, table: str) -> None:
+        """Renew this session's lock lease; LocksLost if the tracker no longer holds them."""
+        await self._tracker(m.KeepLocks(session=self.session, table=table), m.OkReply)
+
     async def sync(self) -> None:
         """Wait until every change this client made is on the tracker's disk (chunk commits
         are already; namespace changes reach it within a second on their own)."""

@@ -144,6 +144,13 @@ KEYS: dict[str, Key] = {
             "how long the active tracker's lease lasts without renewal (PostgreSQL)",
             ("tracker",),
         ),
+        Key(
+            "lock_lease_s",
+            _float,
+            30.0,
+            "how long a silent mount keeps its flock/fcntl locks",
+            ("tracker",),
+        ),
         Key("replication", _int, 3, "default copies per chunk", ("cluster", "tracker")),
         Key(
             "chunk_size",

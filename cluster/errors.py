@@ -213,6 +213,27 @@ class NotSupported(DfsError):
     errno = _errno.EOPNOTSUPP
 
 
+class WouldBlock(DfsError):
+    """the lock is held by another owner"""
+
+    code = 23
+    errno = _errno.EAGAIN
+
+
+class Deadlock(DfsError):
+    """waiting for this lock would deadlock"""
+
+    code = 24
+    errno = _errno.EDEADLK
+
+
+class LocksLost(DfsError):
+    """this mount's locks were released: its session lease expired on the tracker"""
+
+    code = 25
+    errno = _errno.ENOLCK
+
+
 class ProtocolError(Exception):
     """The peer broke the framing or the handshake: close the connection, answer nothing."""
 
@@ -264,6 +285,9 @@ ERRORS_BY_CODE: dict[int, type[DfsError]] = {
         NotSupported,
         StoreUnavailable,
         NotActive,
+        WouldBlock,
+        Deadlock,
+        LocksLost,
     )
 }
 

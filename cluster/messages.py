@@ -55,11 +55,16 @@ class MsgType(IntEnum):
     RELEASE_FILES = 33
     STAT_FS = 34
     SYNC = 35
+    SET_LOCK = 36
+    GET_LOCK = 37
+    RELEASE_LOCKS = 38
+    KEEP_LOCKS = 39
     ATTR_REPLY = 40
     READ_DIR_REPLY = 41
     READ_LINK_REPLY = 42
     UNLINK_REPLY = 43
     STAT_FS_REPLY = 44
+    LOCK_REPLY = 45
     # client -> tracker: chunks
     GET_CHUNKS = 50
     ALLOCATE_CHUNK = 51
@@ -441,6 +446,90 @@ class Sync(Message):
     file with nothing left to commit, fsyncdir). Chunk commits do this by themselves."""
 
     TYPE = MsgType.SYNC
+
+
+# --- client -> tracker: locks (cluster/tracker/locks.py) -------------------------------------
+# A lock covers bytes start..end inclusive (end LOCK_TO_END: to the end of any file), as the
+# kernel's; `type` is fcntl's F_RDLCK, F_WRLCK or F_UNLCK. Its owner is (session, owner): the
+# mount's session and the kernel's lock owner (a process's file table, or an open file for
+# flock and OFD locks).
+LOCK_TO_END = (1 << 63) - 1
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class SetLock(Message):
+    """Take, convert or release (F_UNLCK) a lock. With `wait_s` > 0 the tracker holds the
+    request that long while the lock is taken, then answers `granted=False`; the mount asks
+    again (a bounded hold keeps every request short, and the next one renews the wait)."""
+
+    TYPE = MsgType.SET_LOCK
+    ino: int
+    session: str
+    owner: int
+    flock: bool  # flock(2) locks; fcntl's (POSIX) otherwise: Linux keeps the two apart
+    type: int
+    start: int
+    end: int
+    pid: int
+    wait_s: float = 0.0
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class GetLock(Message):
+    """F_GETLK: the first lock of another owner that conflicts with this one."""
+
+    TYPE = MsgType.GET_LOCK
+    ino: int
+    session: str
+    owner: int
+    type: int
+    start: int
+    end: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ReleaseLocks(Message):
+    """Drop every lock `owner` holds on `ino` (close(), or the last close of an open file)."""
+
+    TYPE = MsgType.RELEASE_LOCKS
+    ino: int
+    session: str
+    owner: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class KeepLocks(Message):
+    """Renew the session's lease while it holds locks. `table` is the lock table the mount's
+    locks were granted in (`LockReply.table`): a tracker whose table is another (it restarted
+    or took over, and holds none of them) or that let the session's lease expire answers
+    LocksLost instead of OK."""
+
+    TYPE = MsgType.KEEP_LOCKS
+    session: str
+    table: str
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class LockReply(Message):
+    """`granted`, or else the conflicting lock (`type` F_UNLCK: none; `pid` only when it is
+    the asking session's own, else 0). When a lock is granted, `attr` is the file's fresh
+    attributes: the mount drops cached data that is older (a lock holder sees every write of
+    the previous one)."""
+
+    TYPE = MsgType.LOCK_REPLY
+    granted: bool
+    type: int
+    start: int
+    end: int
+    pid: int
+    lease_s: float
+    table: str  # which incarnation of the tracker's lock table answered (KeepLocks)
+    attr: AttrList | None = None
 
 
 @message

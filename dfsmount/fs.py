@@ -15,6 +15,7 @@ ENAMETOOLONG, ENODATA, ...) are the tracker's; permissions are the kernel's
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -27,11 +28,12 @@ import trio
 
 from cluster import trace
 from cluster.client import Attr, Client, DirEntry
-from cluster.errors import DfsError, NoData
+from cluster.errors import DfsError, Exists, NoData, NotFound
 from cluster.xattrs import check_name as check_xattr_name
 from dfsmount.cache import DataCache, FileState
 from dfsmount.handles import HandleTable, OpenDir
 from dfsmount.inodes import AttrCache, DirCache, InodeTable, entry_attributes
+from dfsmount.locks import LOCK_NB, LOCK_TO_END, MountLocks, length_of, range_of
 from dfsmount.releases import ReleaseQueue
 from dfsmount.xattrs import XattrCache
 
@@ -57,6 +59,12 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 FALLOCATE_MODES = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
+# flock(2) operations as the lock types they take (Linux's flock locks are whole-file).
+FLOCK_TYPES = {
+    fcntl.LOCK_SH: fcntl.F_RDLCK,
+    fcntl.LOCK_EX: fcntl.F_WRLCK,
+    fcntl.LOCK_UN: fcntl.F_UNLCK,
+}
 
 
 def fuse_op(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -87,6 +95,8 @@ class Operations(pyfuse3.Operations):
     # The writeback cache would let the kernel keep file sizes of its own and ignore ours,
     # which breaks close-to-open between mounts.
     enable_writeback_cache = False
+    # flock and fcntl locks are the cluster's (held by the tracker), not this kernel's.
+    enable_locks = True
 
     def __init__(
         self,
@@ -112,6 +122,8 @@ class Operations(pyfuse3.Operations):
         client.dir_changed = self.attrs.put_newer
         self.releases = ReleaseQueue(client)
         nursery.start_soon(self.releases.run, name="releases")
+        self.locks = MountLocks(client)
+        nursery.start_soon(self.locks.keep_lease, name="lock lease")
         # Set once the kernel's INIT request is answered: the kernel applies its settings for
         # the mount (read-ahead among them) when it gets that answer.
         self.session_started = trio.Event()
@@ -450,7 +462,13 @@ class Operations(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
         log.debug("open %d %o", inode, flags)
-        state, fh, keep = await self._open(inode, flags, None)
+        try:
+            state, fh, keep = await self._open(inode, flags, None)
+        except NotFound:
+            # Another mount removed it while this kernel's entry (or our listing) still named
+            # it: ESTALE makes the kernel look the name up again, as NFS clients do.
+            self.dirs.clear()
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
         if flags & os.O_TRUNC:
             # Even an empty file: as on ext4, O_TRUNC sets mtime and ctime. The new attributes
             # go into the cache, which the kernel's next getattr (`stat` after `: > f`) reads.
@@ -474,13 +492,38 @@ class Operations(pyfuse3.Operations):
         mode = pyfuse3.ModeT(stat.S_IFREG | stat.S_IMODE(mode))
         # One tracker trip creates and opens the file, tells its chunk size and places its
         # chunk 0: a small file needs no other request before its data is stored.
-        attr, chunk_size, first_chunk = await self.client.create(
-            parent_inode, name, mode, ctx.uid, ctx.gid
-        )
+        try:
+            attr, chunk_size, first_chunk = await self.client.create(
+                parent_inode, name, mode, ctx.uid, ctx.gid
+            )
+        except Exists:
+            if flags & os.O_EXCL:
+                raise
+            # Another mount made it since the entry this kernel (or our listing) had said it
+            # was absent: open(O_CREAT) opens what is there, as on one host.
+            self.dirs.clear()
+            return await self._open_existing(parent_inode, name, flags)
         self.dirs.added(parent_inode, name, attr)
         state, fh, _ = await self._open(attr.ino, flags, attr, created_chunk_size=chunk_size)
         state.first_chunk, state.first_chunk_at = first_chunk, trio.current_time()
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), self._reply(
+            attr, lookup=True
+        )
+
+    async def _open_existing(
+        self, parent: int, name: bytes, flags: int
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        attr = await self.client.lookup(parent, name)
+        if not stat.S_ISREG(attr.mode):
+            raise pyfuse3.FUSEError(errno.EISDIR if stat.S_ISDIR(attr.mode) else errno.EEXIST)
+        state, fh, keep = await self._open(attr.ino, flags, None)
+        if flags & os.O_TRUNC:
+            try:
+                attr = await state.setattr(size_bytes=0)
+            except BaseException:
+                await self.release(pyfuse3.FileHandleT(fh))
+                raise
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep), self._reply(
             attr, lookup=True
         )
 
@@ -544,6 +587,82 @@ class Operations(pyfuse3.Operations):
             finally:
                 unused = self.data.drop(ino) if not self.handles.is_open(ino) else []
                 self.releases.put(ino, unused)
+        try:
+            await self.locks.release_handle(ino, fh)
+        except DfsError as exc:
+            log.warning("inode %d: its locks stay until the lock lease ends: %s", ino, exc)
+
+    # --- locks (dfsmount/locks.py) ----------------------------------------------------------
+
+    @fuse_op
+    async def getlk(
+        self, fh: pyfuse3.FileHandleT, owner: int, lock: tuple[int, int, int, int]
+    ) -> tuple[int, int, int, int]:
+        l_type, l_start, l_len, l_pid = lock
+        start, end = range_of(l_start, l_len)
+        reply = await self.locks.test(self.handles.files[fh].ino, owner, l_type, start, end)
+        if reply.type == fcntl.F_UNLCK:
+            return fcntl.F_UNLCK, l_start, l_len, l_pid
+        return reply.type, reply.start, length_of(reply.start, reply.end), reply.pid
+
+    @fuse_op
+    async def setlk(
+        self, fh: pyfuse3.FileHandleT, owner: int, lock: tuple[int, int, int, int], sleep: bool
+    ) -> None:
+        l_type, l_start, l_len, l_pid = lock
+        start, end = range_of(l_start, l_len)
+        log.debug("setlk %d owner %#x type %d %d..%d wait %s", fh, owner, l_type, start, end, sleep)
+        await self._lock(fh, owner, False, l_type, start, end, l_pid, sleep)
+
+    @fuse_op
+    async def flock(self, fh: pyfuse3.FileHandleT, owner: int, op: int) -> None:
+        log.debug("flock %d owner %#x op %d", fh, owner, op)
+        lock_type = FLOCK_TYPES.get(op & ~LOCK_NB)
+        if lock_type is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        await self._lock(fh, owner, True, lock_type, 0, LOCK_TO_END, 0, not op & LOCK_NB)
+
+    async def _lock(
+        self,
+        fh: int,
+        owner: int,
+        flock: bool,
+        lock_type: int,
+        start: int,
+        end: int,
+        pid: int,
+        wait: bool,
+    ) -> None:
+        """Lock or unlock, keeping the file's data coherent as NFS does: releasing a lock
+        first stores the writes made under it on every copy, and taking one drops cached data
+        older than the tracker's, so a lock holder sees every write of the previous one."""
+        handle = self.handles.files[fh]
+        if lock_type == fcntl.F_UNLCK:
+            await handle.state.flush(sync=self.sync_on_close)
+            await self.locks.unlock(handle.ino, owner, flock=flock, start=start, end=end)
+            return
+        reply = await self.locks.set(
+            handle.ino, fh, owner, flock=flock, lock_type=lock_type, start=start, end=end,
+            pid=pid, wait=wait,
+        )  # fmt: skip
+        if reply.attr is not None:
+            await self._revalidate(handle.ino, handle.state, Attr.from_wire(reply.attr))
+
+    async def _revalidate(self, ino: int, state: FileState, fresh: Attr) -> None:
+        async with self.handles.inode_lock(ino):
+            changed = state.adopt(fresh)
+            if not changed and self.inodes.page_cache_valid(fresh):
+                return
+            self.attrs.put(fresh)
+            self.inodes.note_reported(ino, fresh.size, fresh.mtime_ns)
+        # In a thread: dropping pages waits for reads of them in flight, which this loop serves.
+        await trio.to_thread.run_sync(_invalidate_inode, ino)
+
+    @fuse_op
+    async def release_lock_owner(self, fh: pyfuse3.FileHandleT, owner: int) -> None:
+        handle = self.handles.files.get(fh)
+        if handle is not None:
+            await self.locks.release_owner(handle.ino, owner)
 
     # --- directories ----------------------------------------------------------------------
 
@@ -609,3 +728,10 @@ class Operations(pyfuse3.Operations):
             self.handles.remove_file(handle.fh)
             self.releases.put(handle.ino)
         await self.releases.flush()
+
+
+def _invalidate_inode(ino: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(pyfuse3.InodeT(ino), attr_only=False)
+    except OSError:
+        pass  # the kernel does not have the inode cached: nothing to invalidate

@@ -59,6 +59,7 @@ async def _run(settings: dict[str, Any], credentials: Credentials) -> None:
         gc_grace_s=float(settings["gc_grace_s"]),
         store=str(settings["store"]),
         lease_s=float(settings["lease_s"]),
+        lock_lease_s=float(settings["lock_lease_s"]),
         peers=config.addr_list(str(settings["tracker"])),
         credentials=credentials,
     )
@@ -98,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if len(trackers) > 1:
             parser.exit(2, "dfs-tracker: --listen HOST:PORT is required with several trackers\n")
         settings["listen"] = trackers[0]
+    if float(settings["lock_lease_s"]) < 1:
+        parser.exit(2, "dfs-tracker: lock_lease_s must be at least 1\n")
     if float(settings["lease_s"]) < 2:
         parser.exit(2, "dfs-tracker: lease_s must be at least 2 (it is renewed every second)\n")
     if not settings["data"] and settings["store"] == "sqlite":

@@ -9,6 +9,7 @@ chunks and leave with their next heartbeat reply.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import stat
 import time
@@ -23,6 +24,7 @@ from cluster.auth import Credentials
 from cluster.errors import (
     DfsError,
     InvalidArgument,
+    LocksLost,
     NoSpace,
     NotActive,
     NotFound,
@@ -40,6 +42,7 @@ from cluster.tracker.healer import Healer
 from cluster.tracker.history import History
 from cluster.tracker.keepers import KeeperRegistry, KeeperState
 from cluster.tracker.leader import RENEW_S, Lease
+from cluster.tracker.locks import Lock, LockTable, check_range
 from cluster.tracker.namespace import Namespace, Removal
 from cluster.tracker.store import ChunkRow, Inode, SqliteStore, SqlStore
 from cluster.trackers import roles
@@ -47,6 +50,8 @@ from cluster.trackers import roles
 log = logging.getLogger(__name__)
 
 MAX_CHUNK_SIZE = 64 << 20
+# The longest a lock wait holds one request (SetLock.wait_s): far below any RPC timeout.
+MAX_LOCK_HOLD_S = 5.0
 # An open of a file of at most this many chunks returns its chunk list with the attributes.
 OPEN_WITH_CHUNKS = 4
 
@@ -96,6 +101,7 @@ class Tracker:
         gc_grace_s: float = 3600.0,
         store: str = "sqlite",
         lease_s: float = 5.0,
+        lock_lease_s: float = 30.0,
         peers: list[str] | None = None,
         credentials: Credentials,
     ) -> None:
@@ -108,6 +114,7 @@ class Tracker:
         self.heartbeat_s = heartbeat_s
         self.dead_after_s = dead_after_s
         self.gc_grace_s = gc_grace_s
+        self.lock_lease_s = lock_lease_s
         self.addr = ""  # HOST:PORT, once listening
         self.peers = peers or []  # every tracker of the `tracker` list, for the status page
         self.history = History()
@@ -144,6 +151,10 @@ class Tracker:
             m.Rename: self.rename,
             m.OpenFile: self.open_file,
             m.ReleaseFiles: self.release_files,
+            m.SetLock: self.set_lock,
+            m.GetLock: self.get_lock,
+            m.ReleaseLocks: self.release_locks,
+            m.KeepLocks: self.keep_locks,
             m.StatFs: self.stat_fs,
             m.Sync: self.sync,
             m.SetXattr: self.set_xattr,
@@ -171,6 +182,7 @@ class Tracker:
         self.namespace = Namespace(self.store, self.chunk_size)
         self.durable = GroupSync(self.store)
         self.registry = KeeperRegistry(self.dead_after_s, draining)
+        self.locks = LockTable(self.lock_lease_s)
         self.healer = Healer(
             self.store,
             self.registry,
@@ -216,6 +228,7 @@ class Tracker:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heal, name="healer")
                 nursery.start_soon(self.durable.run, name="background sync")
+                nursery.start_soon(self._expire_lock_sessions, name="lock leases")
 
     async def _lead(self) -> None:
         """Hold the lease while active (renew it every RENEW_S); while standing by, take it
@@ -414,6 +427,74 @@ class Tracker:
             rows = self.store.get_chunks(inode.ino, 0, OPEN_WITH_CHUNKS)
             chunks = [self._chunk_record(r) for r in rows]
         return m.AttrReply(attr=inode.as_list(), chunk_size_bytes=chunk_bytes, chunks=chunks)
+
+    # --- locks (locks.py) -------------------------------------------------------------------
+
+    async def _expire_lock_sessions(self) -> None:
+        while True:
+            await trio.sleep(min(1.0, self.lock_lease_s / 4))
+            for session, count in self.locks.expire():
+                if count:
+                    log.warning(
+                        "session %s silent for %.0f s: its %d locks released",
+                        session,
+                        self.lock_lease_s,
+                        count,
+                    )
+
+    def _lock_reply(self, blocker: Lock | None, session: str, ino: int | None) -> m.LockReply:
+        if blocker is None:
+            attr = self.namespace.inode(ino).as_list() if ino is not None else None
+            return m.LockReply(
+                granted=True, type=fcntl.F_UNLCK, start=0, end=0, pid=0,
+                lease_s=self.lock_lease_s, table=self.locks.id, attr=attr,
+            )  # fmt: skip
+        return m.LockReply(
+            granted=False,
+            type=blocker.type,
+            start=blocker.start,
+            end=blocker.end,
+            pid=blocker.pid if blocker.owner[0] == session else 0,
+            lease_s=self.lock_lease_s,
+            table=self.locks.id,
+        )
+
+    async def set_lock(self, msg: m.SetLock, peer: str) -> m.Message:
+        if not stat.S_ISREG(self.namespace.inode(msg.ino).mode) and not msg.flock:
+            raise InvalidArgument("fcntl locks are for regular files")
+        self.locks.touch(msg.session)
+        owner = (msg.session, msg.owner)
+        args = (msg.ino, msg.flock, owner, msg.type, msg.start, msg.end, msg.pid)
+        if msg.wait_s > 0:
+            blocker = await self.locks.set_waiting(*args, min(msg.wait_s, MAX_LOCK_HOLD_S))
+        else:
+            blocker = self.locks.try_set(*args)
+        self.locks.touch(msg.session)
+        # A granted lock carries fresh attributes so that the mount revalidates its cache.
+        fresh = msg.ino if msg.type != fcntl.F_UNLCK else None
+        return self._lock_reply(blocker, msg.session, fresh)
+
+    async def get_lock(self, msg: m.GetLock, peer: str) -> m.Message:
+        check_range(msg.type, msg.start, msg.end)
+        self.namespace.inode(msg.ino)  # ENOENT for a file that is gone
+        self.locks.touch(msg.session)
+        owner = (msg.session, msg.owner)
+        blocker = self.locks.conflict(msg.ino, False, owner, msg.type, msg.start, msg.end)
+        return self._lock_reply(blocker, msg.session, None)
+
+    async def release_locks(self, msg: m.ReleaseLocks, peer: str) -> m.Message:
+        self.locks.touch(msg.session)
+        self.locks.release_owner(msg.ino, (msg.session, msg.owner))
+        return m.OkReply()
+
+    async def keep_locks(self, msg: m.KeepLocks, peer: str) -> m.Message:
+        if msg.table != self.locks.id:
+            raise LocksLost("the tracker restarted or failed over since they were granted")
+        if self.locks.lost(msg.session):
+            lease = self.lock_lease_s
+            raise LocksLost(f"the session was silent for longer than its {lease} s lease")
+        self.locks.touch(msg.session)
+        return m.OkReply()
 
     async def release_files(self, msg: m.ReleaseFiles, peer: str) -> m.Message:
         if any(len(item) != 2 for item in msg.unused):
