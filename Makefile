@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: $(STAMP) lint
-	$(BIN)/pytest -x -q tests
+	$(BIN)/pytest -x -q --durations=25 tests
 
 run: $(STAMP)
 	$(BIN)/python -m cluster.devcluster --state .dfs --mountpoint "$${MOUNTPOINT:-mnt}"
