@@ -1,0 +1,126 @@
+"""The tracker's lock table (cluster/tracker/locks.py): Linux's rules for fcntl and flock
+locks, waits, deadlock detection and session leases, on trio's virtual clock."""
+
+from __future__ import annotations
+
+import fcntl
+
+import pytest
+import trio
+
+from cluster.errors import Deadlock, InvalidArgument
+from cluster.messages import LOCK_TO_END
+from cluster.tracker.locks import LockTable
+
+R, W, U = fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK
+A, B, C = ("mount-a", 1), ("mount-b", 1), ("mount-b", 2)  # B and C: one mount, two owners
+INO = 7
+
+
+def ranges(table: LockTable, owner: tuple[str, int]) -> list[tuple[int, int, int]]:
+    return [
+        (lock.type, lock.start, lock.end)
+        for lock in table._posix.get(INO, [])
+        if lock.owner == owner
+    ]
+
+
+def test_an_owner_splits_and_merges_its_own_ranges() -> None:
+    table = LockTable(30)
+    assert table.try_set(INO, False, A, W, 0, 99, 10) is None
+    assert table.try_set(INO, False, A, U, 40, 59, 10) is None
+    assert ranges(table, A) == [(W, 0, 39), (W, 60, 99)]
+    assert table.try_set(INO, False, B, W, 40, 59, 20) is None  # the hole is free
+    blocker = table.try_set(INO, False, B, W, 30, 45, 20)
+    assert blocker is not None
+    assert (blocker.owner, blocker.start, blocker.end) == (A, 0, 39)
+    assert ranges(table, B) == [(W, 40, 59)]  # a refused request changes nothing
+    assert table.try_set(INO, False, B, U, 0, LOCK_TO_END, 20) is None
+    assert table.try_set(INO, False, A, W, 40, 59, 10) is None
+    assert ranges(table, A) == [(W, 0, 99)]  # neighbours of one type merge
+    # Downgrading the middle splits it into three locks of two types.
+    assert table.try_set(INO, False, A, R, 10, 19, 10) is None
+    assert ranges(table, A) == [(W, 0, 9), (R, 10, 19), (W, 20, 99)]
+
+
+def test_read_locks_share_and_write_locks_exclude_other_owners() -> None:
+    table = LockTable(30)
+    assert table.try_set(INO, False, A, R, 0, LOCK_TO_END, 10) is None
+    assert table.try_set(INO, False, C, R, 0, 9, 30) is None
+    assert table.try_set(INO, False, A, W, 0, 99, 10) is not None  # C reads 0..9
+    assert table.try_set(INO, False, A, W, 10, 99, 10) is None  # an upgrade beside C
+    assert table.conflict(INO, False, B, R, 50, 50) is not None
+    assert table.conflict(INO, False, B, R, 5, 5) is None
+    assert table.conflict(INO, False, A, W, 0, 99) is not None  # C, not A itself
+    assert table.conflict(INO, False, B, U, 0, 99) is None
+
+
+def test_flock_is_apart_from_fcntl_and_converts_by_dropping_first() -> None:
+    table = LockTable(30)
+    assert table.try_set(INO, False, A, W, 0, LOCK_TO_END, 10) is None
+    assert table.try_set(INO, True, B, R, 0, LOCK_TO_END, 0) is None  # other kind: no conflict
+    assert table.try_set(INO, True, C, R, 0, LOCK_TO_END, 0) is None
+    assert table.try_set(INO, True, C, W, 0, LOCK_TO_END, 0) is not None  # B shares it
+    # As flock(2) says: the failed conversion has dropped C's shared lock.
+    assert [lock.owner for lock in table._flock[INO]] == [B]
+
+
+def test_bad_types_and_ranges_are_refused() -> None:
+    table = LockTable(30)
+    with pytest.raises(InvalidArgument):
+        table.try_set(INO, False, A, 9, 0, 1, 0)
+    with pytest.raises(InvalidArgument):
+        table.try_set(INO, False, A, W, 5, 4, 0)
+
+
+async def test_a_waiter_is_granted_when_the_holder_releases(autojump_clock: trio.abc.Clock) -> None:
+    table = LockTable(30)
+    assert table.try_set(INO, False, A, W, 0, 9, 10) is None
+    granted_at: list[float] = []
+
+    async def wait() -> None:
+        assert await table.set_waiting(INO, False, B, W, 5, 5, 20, wait_s=10) is None
+        granted_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.sleep(3)
+        table.release_owner(INO, A)
+        released_at = trio.current_time()
+    assert granted_at == [released_at]
+    # A wait that runs out returns what is still in the way.
+    blocker = await table.set_waiting(INO, False, A, W, 0, 9, 10, wait_s=2)
+    assert blocker is not None
+    assert blocker.owner == B
+
+
+async def test_a_cycle_of_waits_is_a_deadlock_from_whichever_side_closes_it(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    table = LockTable(30)
+    assert table.try_set(INO, False, A, W, 0, 0, 10) is None
+    assert table.try_set(INO, False, B, W, 1, 1, 20) is None
+    # A waits for B in a series of 1 s requests; B's request comes in a gap between two.
+    assert await table.set_waiting(INO, False, A, W, 1, 1, 10, wait_s=1) is not None
+    with pytest.raises(Deadlock):
+        await table.set_waiting(INO, False, B, W, 0, 0, 20, wait_s=1)
+    # Once A has stopped asking for a while, it no longer counts as waiting.
+    await trio.sleep(5)
+    assert await table.set_waiting(INO, False, B, W, 0, 0, 20, wait_s=1) is not None
+
+
+async def test_a_silent_session_loses_its_locks_once(autojump_clock: trio.abc.Clock) -> None:
+    table = LockTable(lease_s=3)
+    table.touch(A[0])
+    table.touch(B[0])
+    assert table.try_set(INO, False, A, W, 0, LOCK_TO_END, 10) is None
+    assert table.try_set(INO + 1, True, A, W, 0, LOCK_TO_END, 0) is None
+    await trio.sleep(2)
+    table.touch(B[0])  # B keeps renewing; A says nothing
+    assert table.expire() == []
+    await trio.sleep(2)
+    assert table.expire() == [(A[0], 2)]
+    assert table.conflict(INO, False, B, W, 0, 0) is None
+    assert table.lost(A[0])  # told once
+    assert not table.lost(A[0])
+    assert not table.lost(B[0])
