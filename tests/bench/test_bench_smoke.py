@@ -59,6 +59,10 @@ DFS_ONLY = [
     "ns_pg_lookups_per_s",
     "ns_pg_serial_lookups_per_s",
     "pg_takeover_s",
+    "hops_bare_cp_mbs",
+    "hops_bare_cat_mbs",
+    "hops_lossy_cp_mbs",
+    "hops_lossy_cat_mbs",
 ]
 
 
@@ -77,6 +81,8 @@ def test_quick_run_reports_every_row(tmp_path: Path) -> None:
             "-m",
             "bench.run",
             "--quick",
+            "--hops-mb",
+            "16",
             "--namespace-files",
             str(NAMESPACE_FILES),
             "--scratch-dir",
