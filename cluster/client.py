@@ -412,7 +412,7 @@ class Client:
             m.OkReply,
         )
 
-    # --- locks (cluster/tracker/locks.py) --------------------------------------------------
+    # --- locks (cluster/locks.py) --------------------------------------------------
 
     async def set_lock(
         self,
@@ -445,6 +445,10 @@ class Client:
 
     async def release_locks(self, ino: int, owner: int) -> None:
         await self._tracker(m.ReleaseLocks(ino=ino, session=self.session, owner=owner), m.OkReply)
+
+    async def reclaim_locks(self, locks: list[list[int]]) -> m.LockReply:
+        """Hand a new tracker (in its grace period) the locks this session held."""
+        return await self._tracker(m.ReclaimLocks(session=self.session, locks=locks), m.LockReply)
 
     async def keep_locks(self, table: str) -> None:
         """Renew this session's lock lease; LocksLost if the tracker no longer holds them."""

@@ -227,6 +227,14 @@ class Deadlock(DfsError):
     errno = _errno.EDEADLK
 
 
+class LockGrace(DfsError):
+    """the tracker is waiting for mounts to reclaim their locks; ask again"""
+
+    # Never reaches a program: the mount asks again until the grace period ends.
+    code = 26
+    errno = _errno.EAGAIN
+
+
 class LocksLost(DfsError):
     """this mount's locks were released: its session lease expired on the tracker"""
 
@@ -288,6 +296,7 @@ ERRORS_BY_CODE: dict[int, type[DfsError]] = {
         WouldBlock,
         Deadlock,
         LocksLost,
+        LockGrace,
     )
 }
 

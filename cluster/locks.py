@@ -16,8 +16,13 @@ Locks live in the active tracker's memory and in no store: they are taken and dr
 more often than anything is written (SQLite takes several per transaction), and they belong
 to live mounts. A mount keeps its session's lease by asking (any lock request, or KeepLocks);
 a session silent for the lease loses every lock it held, so a dead or cut-off mount cannot
-block the others for longer than that. A takeover or restart loses them all; the mounts learn
-it at their next renewal (LocksLost) and say so.
+block the others for longer than that.
+
+A tracker restart or takeover loses the table, so locks are reclaimed as NFS reclaims them:
+while locks are held the tracker notes in its store until when they may be (one write per
+lease), and a tracker that starts before then grants nothing new for one lease (the grace
+period, LockGrace) while the mounts, told LocksLost at their next renewal, send back what
+they hold (ReclaimLocks). A mount keeps a table of its own locks for that (the same class).
 """
 
 from __future__ import annotations
@@ -64,7 +69,9 @@ def check_range(lock_type: int, start: int, end: int) -> None:
 class LockTable:
     """Every lock of the cluster, the waits for them, and the sessions' leases."""
 
-    def __init__(self, lease_s: float) -> None:
+    def __init__(self, lease_s: float, *, grace: bool = False) -> None:
+        """`grace`: mounts may hold locks of an earlier tracker; the grace period (one lease)
+        starts at the first `in_grace` (a tracker calls it as it becomes active)."""
         self.lease_s = lease_s
         # Names this incarnation: a mount holding locks of another one has lost them.
         self.id = uuid.uuid4().hex
@@ -81,6 +88,56 @@ class LockTable:
         self._inodes_of: dict[str, set[int]] = {}
         # Sessions whose lease ended while they held locks, until they are told.
         self._lost: set[str] = set()
+        # Reclaims only until then (trio clock; None: not started); new locks wait for it.
+        self._grace_ends: float | None = None if grace else 0.0
+        self._grace_over = trio.Event()
+        if not grace:
+            self._grace_over.set()
+
+    # --- after a restart or takeover: reclaims ----------------------------------------------
+
+    def in_grace(self) -> bool:
+        if self._grace_over.is_set():
+            return False
+        if self._grace_ends is None:
+            self._grace_ends = trio.current_time() + self.lease_s
+        if trio.current_time() >= self._grace_ends:
+            self._grace_over.set()
+            return False
+        return True
+
+    async def wait_grace(self, max_s: float) -> None:
+        """Wait up to `max_s` for the grace period to end."""
+        if self.in_grace():
+            assert self._grace_ends is not None
+            with trio.move_on_after(min(max_s, self._grace_ends - trio.current_time())):
+                await self._grace_over.wait()
+            self.in_grace()  # sets _grace_over once the time has come
+
+    def reclaim(self, session: str, locks: list[list[int]]) -> int:
+        """Grant again what `session` held; returns how many could not be (conflicting with
+        another reclaim: a mount that broke the rules, or held stale locks)."""
+        refused = 0
+        for ino, flock, owner, lock_type, start, end, pid in locks:
+            blocker = self.try_set(ino, bool(flock), (session, owner), lock_type, start, end, pid)
+            refused += blocker is not None
+        return refused
+
+    def any_held(self) -> bool:
+        return bool(self._posix or self._flock)
+
+    def dump(self) -> list[list[int]]:
+        """Every lock, in ReclaimLocks' form (the owner without its session)."""
+        return [
+            [ino, int(table is self._flock), lock.owner[1], lock.type, lock.start, lock.end,
+             lock.pid]
+            for table in (self._posix, self._flock)
+            for ino, locks in table.items()
+            for lock in locks
+        ]  # fmt: skip
+
+    def owners_on(self, ino: int) -> set[Owner]:
+        return {lock.owner for table in (self._posix, self._flock) for lock in table.get(ino, ())}
 
     # --- leases ---------------------------------------------------------------------------
 

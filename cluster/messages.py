@@ -59,6 +59,7 @@ class MsgType(IntEnum):
     GET_LOCK = 37
     RELEASE_LOCKS = 38
     KEEP_LOCKS = 39
+    RECLAIM_LOCKS = 46
     ATTR_REPLY = 40
     READ_DIR_REPLY = 41
     READ_LINK_REPLY = 42
@@ -448,7 +449,7 @@ class Sync(Message):
     TYPE = MsgType.SYNC
 
 
-# --- client -> tracker: locks (cluster/tracker/locks.py) -------------------------------------
+# --- client -> tracker: locks (cluster/locks.py) -------------------------------------
 # A lock covers bytes start..end inclusive (end LOCK_TO_END: to the end of any file), as the
 # kernel's; `type` is fcntl's F_RDLCK, F_WRLCK or F_UNLCK. Its owner is (session, owner): the
 # mount's session and the kernel's lock owner (a process's file table, or an open file for
@@ -511,6 +512,18 @@ class KeepLocks(Message):
     TYPE = MsgType.KEEP_LOCKS
     session: str
     table: str
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ReclaimLocks(Message):
+    """After a tracker restart or takeover, the locks this session held, to be granted
+    again during the new tracker's grace period (NFS's reclaim). Each is
+    [ino, flock (0/1), owner, type, start, end, pid]."""
+
+    TYPE = MsgType.RECLAIM_LOCKS
+    session: str
+    locks: list[list[int]]
 
 
 @message

@@ -1,10 +1,11 @@
-"""This mount's side of cluster-wide flock and fcntl locks (cluster/tracker/locks.py).
+"""This mount's side of cluster-wide flock and fcntl locks (cluster/locks.py).
 
 The kernel hands every lock request to the mount (pyfuse3's `enable_locks`); the mount asks
-the tracker, so locks hold across hosts. What the mount keeps is only which owners may hold
-locks on which inodes: so that a close() of a file nobody locked costs no request, so that
-an open file's locks go at its last close, and so that the session's lease is renewed while
-anything is held.
+the tracker, so locks hold across hosts. The mount keeps a table of the locks it holds (the
+tracker's own class, one session): so that a close() of a file nobody locked costs no
+request, so that an open file's locks go at its last close, so that the session's lease is
+renewed while anything is held, and so that a new tracker (a restart, a takeover) can be given
+them back in its grace period.
 
 Lock waits are a series of bounded requests (the tracker holds each up to WAIT_HOLD_S): a
 cancelled wait (the kernel interrupted it: a signal reached the waiting process) stops between
@@ -20,7 +21,8 @@ import trio
 
 from cluster import messages as m
 from cluster.client import Client
-from cluster.errors import DfsError, LocksLost, WouldBlock
+from cluster.errors import DfsError, LockGrace, LocksLost, WouldBlock
+from cluster.locks import LockTable
 from cluster.messages import LOCK_TO_END
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 WAIT_HOLD_S = 1.0
 # flock(2) operations (sys/file.h)
 LOCK_SH, LOCK_EX, LOCK_NB, LOCK_UN = fcntl.LOCK_SH, fcntl.LOCK_EX, fcntl.LOCK_NB, fcntl.LOCK_UN
+MINE = ""  # the session of the mount's own table: owners are the kernel's alone
 
 
 def range_of(start: int, length: int) -> tuple[int, int]:
@@ -44,16 +47,16 @@ class MountLocks:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.lease_s = 30.0
-        # The tracker lock table our locks were granted in (None: we hold nothing).
+        # The tracker lock table our locks were granted in (None: none yet).
         self.table: str | None = None
-        # ino -> owners that may hold locks on it; fh -> (ino, owners that locked through it).
-        self._owners: dict[int, set[int]] = {}
+        self._mine = LockTable(self.lease_s)
+        # fh -> owners that locked through it (flock and OFD locks go at its last close).
         self._through: dict[int, set[int]] = {}
-        self._lease_changed = trio.Event()
+        self._renew_now = trio.Event()
 
     @property
     def holding(self) -> bool:
-        return bool(self._owners)
+        return self._mine.any_held()
 
     async def set(
         self,
@@ -72,37 +75,46 @@ class MountLocks:
         is in the way and not `wait`. Returns the tracker's grant, with the file's attrs."""
         while True:
             with trio.CancelScope(shield=True):
-                reply = await self.client.set_lock(
-                    ino, owner, flock=flock, lock_type=lock_type, start=start, end=end,
-                    pid=pid, wait_s=WAIT_HOLD_S if wait else 0.0,
-                )  # fmt: skip
-                if reply.granted:
+                try:
+                    reply = await self.client.set_lock(
+                        ino, owner, flock=flock, lock_type=lock_type, start=start, end=end,
+                        pid=pid, wait_s=WAIT_HOLD_S if wait else 0.0,
+                    )  # fmt: skip
+                except LockGrace:
+                    self._renew_now.set()  # a new tracker: reclaim ours before asking again
+                    reply = None
+                if reply is not None and reply.granted:
                     self._granted(ino, fh, owner, reply)
+                    self._mine.try_set(ino, flock, (MINE, owner), lock_type, start, end, pid)
                     return reply
-            if not wait:
+            if reply is not None and not wait:
                 raise WouldBlock(f"inode {ino}: held by another owner")
             await trio.lowlevel.checkpoint()  # an interrupted wait ends here
 
     async def unlock(self, ino: int, owner: int, *, flock: bool, start: int, end: int) -> None:
-        """Release a range (or an flock); the owner stays noted: it may hold other ranges."""
-        if owner not in self._owners.get(ino, ()):
-            return  # never locked anything here
+        """Release a range (or an flock)."""
+        if (MINE, owner) not in self._mine.owners_on(ino):
+            return  # holds nothing there
+        # Forgotten here first: a reclaim racing with this release must not bring it back.
+        self._mine.try_set(ino, flock, (MINE, owner), fcntl.F_UNLCK, start, end, 0)
         await self.client.set_lock(
             ino, owner, flock=flock, lock_type=fcntl.F_UNLCK, start=start, end=end, pid=0
         )
 
     async def test(self, ino: int, owner: int, lock_type: int, start: int, end: int) -> m.LockReply:
-        return await self.client.get_lock(ino, owner, lock_type=lock_type, start=start, end=end)
+        while True:
+            try:
+                return await self.client.get_lock(
+                    ino, owner, lock_type=lock_type, start=start, end=end
+                )
+            except LockGrace:
+                self._renew_now.set()
 
     async def release_owner(self, ino: int, owner: int) -> None:
         """close(): every lock `owner` holds on `ino` goes."""
-        owners = self._owners.get(ino)
-        if owners is None or owner not in owners:
+        if (MINE, owner) not in self._mine.owners_on(ino):
             return
-        # Forgotten here first: a renewal racing with this release must not count it.
-        owners.discard(owner)
-        if not owners:
-            del self._owners[ino]
+        self._mine.release_owner(ino, (MINE, owner))
         await self.client.release_locks(ino, owner)
 
     async def release_handle(self, ino: int, fh: int) -> None:
@@ -113,31 +125,42 @@ class MountLocks:
 
     def _granted(self, ino: int, fh: int, owner: int, reply: m.LockReply) -> None:
         if self.table != reply.table:
-            if self.table is not None and self._owners:
-                log.error("locks granted before the tracker restarted or failed over are lost")
-                self._owners.clear()
+            if self.table is not None and self._mine.any_held():
+                log.error("the locks held before the tracker changed were not reclaimed: lost")
+                self._mine = LockTable(self.lease_s)
             self.table = reply.table
-        self._owners.setdefault(ino, set()).add(owner)
         self._through.setdefault(fh, set()).add(owner)
         if reply.lease_s != self.lease_s:
             self.lease_s = reply.lease_s
-            self._lease_changed.set()
+            self._renew_now.set()
 
     async def keep_lease(self) -> None:
         """Renew the session's lease on the tracker while this mount holds locks (every
-        third of the lease, so that two renewals may fail before it runs out)."""
+        third of the lease, so that two renewals may fail before it runs out), and reclaim
+        them from a tracker that no longer has them."""
         while True:
             with trio.move_on_after(self.lease_s / 3):
-                await self._lease_changed.wait()
-                self._lease_changed = trio.Event()
-            if not self._owners or self.table is None:
+                await self._renew_now.wait()
+            self._renew_now = trio.Event()
+            if not self._mine.any_held() or self.table is None:
                 continue
             try:
                 await self.client.keep_locks(self.table)
             except LocksLost as exc:
-                files = len(self._owners)
-                log.error("this mount's locks on %d files were released: %s", files, exc)
-                self._owners.clear()
-                self.table = None
+                await self._reclaim(exc)
             except DfsError as exc:
                 log.warning("could not renew the lock lease: %s", exc)
+
+    async def _reclaim(self, lost: LocksLost) -> None:
+        held = self._mine.dump()
+        try:
+            reply = await self.client.reclaim_locks(held)
+        except LocksLost as exc:
+            log.error("this mount's %d locks were released: %s (%s)", len(held), lost, exc)
+            self._mine = LockTable(self.lease_s)
+            self.table = None
+        except DfsError as exc:
+            log.warning("could not reclaim the locks yet: %s", exc)
+        else:
+            log.info("reclaimed %d locks from a new tracker (%s)", len(held), lost)
+            self.table = reply.table

@@ -24,6 +24,7 @@ from cluster.auth import Credentials
 from cluster.errors import (
     DfsError,
     InvalidArgument,
+    LockGrace,
     LocksLost,
     NoSpace,
     NotActive,
@@ -33,6 +34,7 @@ from cluster.errors import (
     Unavailable,
     printable,
 )
+from cluster.locks import Lock, LockTable, check_range
 from cluster.protocol import Payload
 from cluster.rpc import ConnectionPool
 from cluster.serve import ServeOptions, Server
@@ -42,7 +44,6 @@ from cluster.tracker.healer import Healer
 from cluster.tracker.history import History
 from cluster.tracker.keepers import KeeperRegistry, KeeperState
 from cluster.tracker.leader import RENEW_S, Lease
-from cluster.tracker.locks import Lock, LockTable, check_range
 from cluster.tracker.namespace import Namespace, Removal
 from cluster.tracker.store import ChunkRow, Inode, SqliteStore, SqlStore
 from cluster.trackers import roles
@@ -155,6 +156,7 @@ class Tracker:
             m.GetLock: self.get_lock,
             m.ReleaseLocks: self.release_locks,
             m.KeepLocks: self.keep_locks,
+            m.ReclaimLocks: self.reclaim_locks,
             m.StatFs: self.stat_fs,
             m.Sync: self.sync,
             m.SetXattr: self.set_xattr,
@@ -183,6 +185,7 @@ class Tracker:
         self.durable = GroupSync(self.store)
         self.registry = KeeperRegistry(self.dead_after_s, draining)
         self.locks = LockTable(self.lock_lease_s)
+        self._locks_noted_until = 0.0  # what the store says of held locks (Unix time)
         self.healer = Healer(
             self.store,
             self.registry,
@@ -201,6 +204,11 @@ class Tracker:
             self.lease.store.fence = self.lease.epoch
             self.lease.store.start()
         self._fresh_state(self.store.draining())
+        held_until = self.store.locks_held_until()
+        if held_until > time.time():
+            # Mounts may hold locks of the tracker before: they get one lease to reclaim them.
+            self.locks = LockTable(self.lock_lease_s, grace=True)
+            self._locks_noted_until = held_until
         removal = self.namespace.collect_orphans()
         if removal.chunks:
             log.info("collected %d chunks of files unlinked while open", len(removal.chunks))
@@ -223,6 +231,8 @@ class Tracker:
 
     async def _active_tasks(self) -> None:
         """What only the active tracker runs; cancelled when it steps down."""
+        if self.locks.in_grace():
+            log.info("granting no new locks for %.0f s: mounts reclaim theirs", self.lock_lease_s)
         with trio.CancelScope() as scope:
             self._active_scope = scope
             async with trio.open_nursery() as nursery:
@@ -433,6 +443,7 @@ class Tracker:
     async def _expire_lock_sessions(self) -> None:
         while True:
             await trio.sleep(min(1.0, self.lock_lease_s / 4))
+            self._note_locks_held()
             for session, count in self.locks.expire():
                 if count:
                     log.warning(
@@ -441,6 +452,27 @@ class Tracker:
                         self.lock_lease_s,
                         count,
                     )
+
+    def _note_locks_held(self) -> None:
+        """While locks are held, keep the store saying so a lease ahead (one write per lease):
+        a tracker that takes over before then grants reclaims first."""
+        now = time.time()
+        if not self.locks.any_held() or self._locks_noted_until > now + self.lock_lease_s:
+            return
+        until = now + 2 * self.lock_lease_s
+        try:
+            with self.store.transaction():
+                self.store.set_locks_held_until(until)
+            self._locks_noted_until = until
+        except DfsError as exc:
+            log.warning("could not note held locks in the store: %s", exc)
+
+    async def _after_grace(self) -> None:
+        """New locks wait for the grace period; past MAX_LOCK_HOLD_S the mount asks again."""
+        if self.locks.in_grace():
+            await self.locks.wait_grace(MAX_LOCK_HOLD_S)
+            if self.locks.in_grace():
+                raise LockGrace()
 
     def _lock_reply(self, blocker: Lock | None, session: str, ino: int | None) -> m.LockReply:
         if blocker is None:
@@ -462,6 +494,8 @@ class Tracker:
     async def set_lock(self, msg: m.SetLock, peer: str) -> m.Message:
         if not stat.S_ISREG(self.namespace.inode(msg.ino).mode) and not msg.flock:
             raise InvalidArgument("fcntl locks are for regular files")
+        if msg.type != fcntl.F_UNLCK:
+            await self._after_grace()
         self.locks.touch(msg.session)
         owner = (msg.session, msg.owner)
         args = (msg.ino, msg.flock, owner, msg.type, msg.start, msg.end, msg.pid)
@@ -470,6 +504,8 @@ class Tracker:
         else:
             blocker = self.locks.try_set(*args)
         self.locks.touch(msg.session)
+        if blocker is None:
+            self._note_locks_held()  # before the grant is answered: a takeover must know
         # A granted lock carries fresh attributes so that the mount revalidates its cache.
         fresh = msg.ino if msg.type != fcntl.F_UNLCK else None
         return self._lock_reply(blocker, msg.session, fresh)
@@ -477,6 +513,7 @@ class Tracker:
     async def get_lock(self, msg: m.GetLock, peer: str) -> m.Message:
         check_range(msg.type, msg.start, msg.end)
         self.namespace.inode(msg.ino)  # ENOENT for a file that is gone
+        await self._after_grace()
         self.locks.touch(msg.session)
         owner = (msg.session, msg.owner)
         blocker = self.locks.conflict(msg.ino, False, owner, msg.type, msg.start, msg.end)
@@ -486,6 +523,18 @@ class Tracker:
         self.locks.touch(msg.session)
         self.locks.release_owner(msg.ino, (msg.session, msg.owner))
         return m.OkReply()
+
+    async def reclaim_locks(self, msg: m.ReclaimLocks, peer: str) -> m.Message:
+        if any(len(lock) != 7 for lock in msg.locks):
+            raise InvalidArgument("malformed lock to reclaim")
+        if not self.locks.in_grace():
+            raise LocksLost("too late to reclaim them: this tracker's grace period is over")
+        refused = self.locks.reclaim(msg.session, msg.locks)
+        self.locks.touch(msg.session)
+        log.info("session %s reclaimed %d locks", msg.session, len(msg.locks) - refused)
+        if refused:
+            raise LocksLost(f"{refused} of the session's locks conflict with others' reclaims")
+        return self._lock_reply(None, msg.session, None)
 
     async def keep_locks(self, msg: m.KeepLocks, peer: str) -> m.Message:
         if msg.table != self.locks.id:

@@ -302,6 +302,8 @@ class MetadataStore(Protocol):
     def chunk_by_id(self, chunk_id: int) -> ChunkRow | None: ...
     def expired_allocations(self, older_than_ns: int) -> list[tuple[int, int]]: ...
     def draining(self) -> set[str]: ...
+    def locks_held_until(self) -> float: ...
+    def set_locks_held_until(self, unix_s: float) -> None: ...
     def set_draining(self, keeper_id: str, draining: bool) -> None: ...
     def count_chunks(self) -> int: ...
     def orphans(self) -> list[int]: ...
@@ -749,6 +751,19 @@ class SqlStore:
 
     def draining(self) -> set[str]:
         return {r[0] for r in self._exec("SELECT keeper_id FROM draining")}
+
+    def locks_held_until(self) -> float:
+        """Until when (Unix time) mounts may hold locks granted by an earlier tracker: a
+        tracker starting before then waits for them to be reclaimed (cluster/locks.py)."""
+        row = self._exec("SELECT value FROM counters WHERE name = 'locks_until'").fetchone()
+        return float(row[0]) if row else 0.0
+
+    def set_locks_held_until(self, unix_s: float) -> None:
+        self._exec(
+            "INSERT INTO counters (name, value) VALUES ('locks_until', ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (int(unix_s) + 1,),
+        )
 
     def set_draining(self, keeper_id: str, draining: bool) -> None:
         if draining:

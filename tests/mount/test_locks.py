@@ -214,6 +214,25 @@ def test_a_killed_waiter_dies_and_a_killed_mounts_locks_are_released(
     print(f"lock of a killed mount released after {time.monotonic() - started:.1f} s")
 
 
+def test_locks_are_reclaimed_from_a_restarted_tracker(
+    make_cluster: MakeCluster, mount: MountFactory, holders: list[Holder]
+) -> None:
+    cluster = make_cluster(tracker_args=["--lock-lease-s", "3"])
+    a, b, name = two_mounts(cluster, mount, "f")
+    holders.append(holder := Holder(a.path / name, "fcntl", "ex", 0, 0))
+    assert holder.answer() == "locked"
+    assert cluster.tracker is not None
+    cluster.restart(cluster.tracker)  # SIGKILL: the tracker's lock table is gone
+    # The new tracker grants nothing new for one lease while mounts reclaim what they hold:
+    # the lock is still a's.
+    holders.append(other := Holder(b.path / name, "fcntl", "ex", 0, 0))
+    assert other.answer() == f"error {errno.EAGAIN}"
+    holder.release()
+    holders.append(after := Holder(b.path / name, "fcntl", "ex", 0, 0, wait=True))
+    assert after.answer() == "locked"
+    assert "reclaimed 1 locks" in a.logs()
+
+
 SQLITE_WRITER = textwrap.dedent(
     """
     import sqlite3, sys

@@ -1,4 +1,4 @@
-"""The tracker's lock table (cluster/tracker/locks.py): Linux's rules for fcntl and flock
+"""The tracker's lock table (cluster/locks.py): Linux's rules for fcntl and flock
 locks, waits, deadlock detection and session leases, on trio's virtual clock."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import trio
 
 from cluster.errors import Deadlock, InvalidArgument
+from cluster.locks import LockTable
 from cluster.messages import LOCK_TO_END
-from cluster.tracker.locks import LockTable
 
 R, W, U = fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK
 A, B, C = ("mount-a", 1), ("mount-b", 1), ("mount-b", 2)  # B and C: one mount, two owners
@@ -124,3 +124,25 @@ async def test_a_silent_session_loses_its_locks_once(autojump_clock: trio.abc.Cl
     assert table.lost(A[0])  # told once
     assert not table.lost(A[0])
     assert not table.lost(B[0])
+
+
+async def test_a_new_table_in_grace_takes_reclaims_then_new_locks(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    old = LockTable(lease_s=3)
+    assert old.try_set(INO, False, A, W, 0, 9, 10) is None
+    assert old.try_set(INO, True, A, R, 0, LOCK_TO_END, 0) is None
+    held = old.dump()
+
+    new = LockTable(lease_s=3, grace=True)
+    started = trio.current_time()
+    assert new.in_grace()
+    assert new.reclaim(A[0], held) == 0
+    assert new.conflict(INO, False, B, W, 5, 5) is not None
+    assert new.conflict(INO, True, B, W, 0, 0) is not None
+    await new.wait_grace(max_s=10)
+    assert trio.current_time() - started == pytest.approx(3)
+    assert not new.in_grace()
+    # Outside a grace period nothing waits.
+    await old.wait_grace(max_s=10)
+    assert trio.current_time() - started == pytest.approx(3)
