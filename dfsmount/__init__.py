@@ -16,7 +16,8 @@ What the mount promises, and what FUSE does not let it promise:
   attribute timeouts), and a name created or removed on another mount can take that long to
   appear or vanish here.
 - inotify/fanotify see only changes made through this mount, never those of other mounts.
-- File locks (flock, fcntl) are local to one mount; they do not exclude other mounts.
+- File locks (flock, fcntl, OFD) hold across mounts: the tracker holds them (cluster/locks.py).
+  A mount silent for longer than the tracker's lock_lease_s loses them (it logs so).
 - Extended attributes (user.*, trusted.*, security.*) are kept as on ext4, and like
   attributes may be up to one second old when set on another mount; POSIX ACLs are not
   (system.posix_acl_*: EOPNOTSUPP). atime is not updated by reads (as with noatime);
