@@ -722,12 +722,17 @@ class Operations(pyfuse3.Operations):
 
     async def shutdown(self) -> None:
         """After the kernel is gone (or on SIGTERM): flush every open file and tell the
-        tracker this mount no longer holds them. Failures are logged."""
+        tracker this mount no longer holds them, nor their locks (the others need not wait
+        for the lease). Failures are logged."""
         await self.data.flush_all()
         for handle in list(self.handles.files.values()):
             self.handles.remove_file(handle.fh)
             self.releases.put(handle.ino)
         await self.releases.flush()
+        try:
+            await self.locks.release_all()
+        except DfsError as exc:
+            log.warning("locks stay until the lock lease ends: %s", exc)
 
 
 def _invalidate_inode(ino: int) -> None:

@@ -123,6 +123,11 @@ class MountLocks:
         for owner in self._through.pop(fh, set()):
             await self.release_owner(ino, owner)
 
+    async def release_all(self) -> None:
+        """Unmount: every lock this mount holds goes."""
+        for ino, _, owner, *_ in self._mine.dump():
+            await self.release_owner(ino, owner)
+
     def _granted(self, ino: int, fh: int, owner: int, reply: m.LockReply) -> None:
         if self.table != reply.table:
             if self.table is not None and self._mine.any_held():

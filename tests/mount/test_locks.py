@@ -214,6 +214,23 @@ def test_a_killed_waiter_dies_and_a_killed_mounts_locks_are_released(
     print(f"lock of a killed mount released after {time.monotonic() - started:.1f} s")
 
 
+def test_an_unmount_releases_the_locks_still_held(
+    cluster: ProcCluster, mount: MountFactory, holders: list[Holder]
+) -> None:
+    a, b, name = two_mounts(cluster, mount, "f")
+    holders.append(holder := Holder(a.path / name, "flock", "ex"))
+    assert holder.answer() == "locked"
+    holders.append(early := Holder(b.path / name, "flock", "ex"))
+    assert early.answer() == f"error {errno.EWOULDBLOCK}"
+    # SIGTERM ends the mount with the holder's file still open: its lock goes at once, not
+    # after the session's 30 s lease.
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(timeout=WAIT_S) == 0
+    holders.append(after := Holder(b.path / name, "flock", "ex"))
+    assert after.answer() == "locked"
+
+
 def test_locks_are_reclaimed_from_a_restarted_tracker(
     make_cluster: MakeCluster, mount: MountFactory, holders: list[Holder]
 ) -> None:
