@@ -181,11 +181,13 @@ class NetCluster:
         result = subprocess.run(argv, capture_output=True, env=self.env, timeout=120)
         return result.returncode == 0
 
-    def mount(self, name: str, *extra: str) -> NetMount:
+    def mount(self, name: str, *extra: str, host: Node | None = None) -> NetMount:
+        """A `dfs-mount` on `host` (the client host by default; another `lab.node()` for a
+        mount that can be partitioned apart from the others), seen by the test at root/NAME."""
         path = self.root / name
         path.mkdir()
         log = self.root / f"{name}.log"
-        argv = self.client.net_argv(
+        argv = (host or self.client).net_argv(
             [str(BIN / "dfs-mount"), str(path), "--tracker", self.tracker_addr, "--foreground",
              "--log-level", "INFO", *extra]
         )  # fmt: skip
