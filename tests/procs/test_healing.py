@@ -32,24 +32,45 @@ def fast_cluster(
 def put_files(
     cluster: ProcCluster, tmp: Path, count: int, max_size: int = 3 * MiB
 ) -> dict[str, Path]:
-    files = {}
-    for i in range(count):
-        size = (i * 997_331) % max_size + 1
-        local = random_file(tmp / f"file{i}", size)
-        cluster.dfs("put", str(local), f"/file{i}")
-        files[f"/file{i}"] = local
+    """`count` files of assorted sizes, put through the client library in one process (the
+    CLI's start-up, once per file, was most of these tests' time; tests/procs/test_core.py
+    covers `dfs put` itself)."""
+    files = {
+        f"/file{i}": random_file(tmp / f"file{i}", (i * 997_331) % max_size + 1)
+        for i in range(count)
+    }
+
+    async def put_all() -> None:
+        async with cluster.client() as client:
+            for remote, local in files.items():
+                await client.upload(local, remote)
+
+    trio.run(put_all)
     return files
 
 
 def assert_identical(cluster: ProcCluster, files: dict[str, Path], tmp: Path) -> None:
     out = tmp / "readback"
-    for remote, local in files.items():
-        cluster.dfs("get", remote, str(out))
-        assert filecmp.cmp(local, out, shallow=False), remote
+
+    async def get_all() -> None:
+        async with cluster.client() as client:
+            for remote, local in files.items():
+                await client.download(remote, out)
+                assert filecmp.cmp(local, out, shallow=False), remote
+
+    trio.run(get_all)
 
 
 def holders_per_chunk(cluster: ProcCluster, files: dict[str, Path]) -> list[list[str]]:
-    return [c["keepers"] for remote in files for c in cluster.stat(remote)["chunks"]]
+    async def holders() -> list[list[str]]:
+        async with cluster.client() as client:
+            found = []
+            for remote in files:
+                chunks = await client.get_chunks((await client.resolve(remote)).ino)
+                found += [list(c.keepers) for c in chunks.chunks.values()]
+            return found
+
+    return trio.run(holders)
 
 
 def live_addrs(cluster: ProcCluster) -> set[str]:
@@ -287,7 +308,7 @@ def test_uncommitted_versions_are_collected_after_the_grace(
     written = trio.run(_store_without_commit, cluster, "/orphan", 3)
     assert all(len(info.keepers) == 2 for info in written)
     assert len(_files_of(cluster, {(i.chunk_id, i.version) for i in written})) == 6
-    big = random_file(tmp_path / "big", 40 * CHUNK)
+    big = random_file(tmp_path / "big", 200 * CHUNK)  # long enough to be caught half-way
     put = cluster.dfs_background("put", str(big), "/big")
     try:
         wait_until(
