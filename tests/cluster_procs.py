@@ -48,6 +48,14 @@ def _wait_ready(proc: subprocess.Popen[bytes], log: Path, prefix: str) -> str:
     raise RuntimeError(f"{prefix} not ready in {START_TIMEOUT_S}s:\n{log.read_text()}")
 
 
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
 @dataclass
 class Daemon:
     name: str
@@ -69,12 +77,21 @@ class Daemon:
         return int(self.addr.rsplit(":", 1)[1])
 
     def start(self, env: dict[str, str]) -> None:
+        self.launch(env)
+        self.wait_ready()
+
+    def launch(self, env: dict[str, str]) -> None:
+        """Start the process without waiting for it to be ready (`wait_ready`): several
+        daemons then start side by side, which is most of a test cluster's start-up."""
         argv = list(self.argv)
         if self.addr:  # a restart comes back on the same port
             argv[argv.index("--listen") + 1] = self.addr
         self.log = self.log.with_name(f"{self.name}.{self.restarts}.log")
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=out, env=env)
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
         self.addr = _wait_ready(self.proc, self.log, self.ready_prefix)
 
     def signal(self, sig: int) -> None:
@@ -200,6 +217,14 @@ class ProcCluster:
         self, capacity: int | None = None, zone: str = "", args: Sequence[str] = ()
     ) -> Daemon:
         """Start one more keeper; `args` are flags for this one only (e.g. `--metrics`)."""
+        keeper = self.launch_keeper(capacity, zone, args)
+        keeper.wait_ready()
+        return keeper
+
+    def launch_keeper(
+        self, capacity: int | None = None, zone: str = "", args: Sequence[str] = ()
+    ) -> Daemon:
+        """`add_keeper` without waiting for it to be ready (`Daemon.wait_ready`)."""
         n = len(self.keepers)
         data = self.root / f"keeper{n}"
         argv = [
@@ -220,7 +245,7 @@ class ProcCluster:
             f"keeper{n}", argv, data, self.root / f"keeper{n}.log", "dfs-keeper: serving on"
         )
         self.keepers.append(keeper)
-        keeper.start(self.env)
+        keeper.launch(self.env)
         return keeper
 
     def restart(self, daemon: Daemon) -> None:
@@ -277,15 +302,32 @@ class ProcCluster:
         raise AssertionError(f"{keeper.name} at {keeper.addr} is not in dfs status")
 
     def wait_alive(self, count: int, timeout: float = 20) -> None:
-        """Until exactly `count` keepers are registered and alive."""
-        deadline = time.monotonic() + timeout
-        while True:
-            alive = [k for k in self.status()["keepers"] if k["state"] == "alive"]
-            if len(alive) == count:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{len(alive)} keepers alive, expected {count}")
-            time.sleep(0.1)
+        """Until exactly `count` keepers are registered and alive (asked through the client
+        library in this process: a `dfs status` per poll cost a Python start each; from
+        inside a trio test, which cannot start another trio loop, through `dfs status`)."""
+        if _in_trio():
+            deadline = time.monotonic() + timeout
+            while True:
+                alive = sum(1 for k in self.status()["keepers"] if k["state"] == "alive")
+                if alive == count:
+                    return
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{alive} keepers alive, expected {count}")
+                time.sleep(0.1)
+
+        async def poll() -> None:
+            alive = 0
+            async with self.client() as client:
+                with trio.move_on_after(timeout):
+                    while True:
+                        keepers = (await client.cluster_status()).keepers
+                        alive = sum(1 for k in keepers if k["state"] == "alive")
+                        if alive == count:
+                            return
+                        await trio.sleep(0.05)
+                raise AssertionError(f"{alive} keepers alive, expected {count}")
+
+        trio.run(poll)
 
     def stop(self) -> None:
         for daemon in [*self.keepers, self.tracker, *self.standbys]:

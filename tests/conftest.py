@@ -106,8 +106,12 @@ def make_cluster(tmp_path: Path) -> Iterator[MakeCluster]:
         )
         made.append(cluster)
         cluster.start_tracker()
-        for i in range(keepers):
-            cluster.add_keeper(capacity=capacity, zone=zones[i] if zones else "")
+        started = [
+            cluster.launch_keeper(capacity=capacity, zone=zones[i] if zones else "")
+            for i in range(keepers)
+        ]
+        for keeper in started:
+            keeper.wait_ready()
         cluster.wait_alive(keepers)
         return cluster
 
