@@ -176,6 +176,13 @@ KEYS: dict[str, Key] = {
         Key("metrics", _str, "", "HOST:PORT of the Prometheus metrics", ("tracker", "keeper")),
         Key("dirty_mb", _int, 192, "bound on buffered writes", ("mount",)),
         Key("sync_on_close", _bool, False, "close() waits for fsync on every copy", ("mount",)),
+        Key(
+            "local_locks",
+            _bool,
+            False,
+            "flock/fcntl locks per mount, not cluster-wide (no tracker trip per lock)",
+            ("mount",),
+        ),
         Key("cache_mb", _int, 192, "bound on the read cache", ("mount",)),
         Key("readahead_kb", _int, 1024, "kernel read-ahead of the mount (0: leave)", ("mount",)),
         Key(

@@ -313,6 +313,7 @@ async def serve(
                 dirty_bytes=settings["dirty_mb"] << 20,
                 cache_bytes=settings["cache_mb"] << 20,
                 sync_on_close=settings["sync_on_close"],
+                local_locks=settings["local_locks"],
             )
             resolved = os.path.realpath(mountpoint)  # not after mounting: see set_readahead
             try:

@@ -95,7 +95,8 @@ class Operations(pyfuse3.Operations):
     # The writeback cache would let the kernel keep file sizes of its own and ignore ours,
     # which breaks close-to-open between mounts.
     enable_writeback_cache = False
-    # flock and fcntl locks are the cluster's (held by the tracker), not this kernel's.
+    # flock and fcntl locks are the cluster's (held by the tracker), not this kernel's,
+    # unless the mount says `local_locks`.
     enable_locks = True
 
     def __init__(
@@ -106,8 +107,12 @@ class Operations(pyfuse3.Operations):
         dirty_bytes: int,
         cache_bytes: int,
         sync_on_close: bool = False,
+        local_locks: bool = False,
     ) -> None:
         super().__init__()
+        # As MooseFS's mfsnoposixlocks/mfsnobsdlocks and JuiceFS's --no-posix-lock: the
+        # kernel keeps locks per mount, for programs that lock often and share nothing.
+        self.enable_locks = not local_locks
         self.client = client
         # close() at fsync's level (DESIGN.md, guarantee 1): on every copy's disk, not only in
         # every copy's file.

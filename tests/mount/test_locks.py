@@ -231,6 +231,20 @@ def test_an_unmount_releases_the_locks_still_held(
     assert after.answer() == "locked"
 
 
+def test_local_locks_stay_per_mount(
+    cluster: ProcCluster, mount: MountFactory, holders: list[Holder]
+) -> None:
+    """`local_locks`: the kernel's per-mount locks, as before cluster-wide ones."""
+    a, b = mount(cluster, "a", "--local-locks"), mount(cluster, "b", "--local-locks")
+    (a.path / "f").write_bytes(b"x")
+    holders.append(first := Holder(a.path / "f", "fcntl", "ex", 0, 0))
+    holders.append(same_mount := Holder(a.path / "f", "fcntl", "ex", 0, 0))
+    holders.append(other_mount := Holder(b.path / "f", "fcntl", "ex", 0, 0))
+    assert first.answer() == "locked"
+    assert same_mount.answer() == f"error {errno.EAGAIN}"
+    assert other_mount.answer() == "locked"
+
+
 def test_locks_are_reclaimed_from_a_restarted_tracker(
     make_cluster: MakeCluster, mount: MountFactory, holders: list[Holder]
 ) -> None:
