@@ -235,12 +235,13 @@ def test_local_locks_stay_per_mount(
     cluster: ProcCluster, mount: MountFactory, holders: list[Holder]
 ) -> None:
     """`local_locks`: the kernel's per-mount locks, as before cluster-wide ones."""
-    a, b = mount(cluster, "a", "--local-locks"), mount(cluster, "b", "--local-locks")
+    a = mount(cluster, "a", "--local-locks", "true")
+    b = mount(cluster, "b", "-o", "local_locks")
     (a.path / "f").write_bytes(b"x")
     holders.append(first := Holder(a.path / "f", "fcntl", "ex", 0, 0))
+    assert first.answer() == "locked"
     holders.append(same_mount := Holder(a.path / "f", "fcntl", "ex", 0, 0))
     holders.append(other_mount := Holder(b.path / "f", "fcntl", "ex", 0, 0))
-    assert first.answer() == "locked"
     assert same_mount.answer() == f"error {errno.EAGAIN}"
     assert other_mount.answer() == "locked"
 
