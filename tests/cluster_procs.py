@@ -282,7 +282,8 @@ class ProcCluster:
     @asynccontextmanager
     async def client(self, **options: Any) -> AsyncIterator[Client]:
         """The client library, connected to this cluster (inside `trio.run`)."""
-        credentials = auth.Credentials.from_settings({"secret_file": str(self.secret_file)})
+        settings = {"secret_file": str(self.secret_file), "tls_ca": self.env.get("DFS_TLS_CA")}
+        credentials = auth.Credentials.from_settings(settings)
         async with Client.connect(self.tracker_addr, credentials, **options) as client:
             yield client
 
