@@ -504,31 +504,15 @@ class Operations(pyfuse3.Operations):
         except Exists:
             if flags & os.O_EXCL:
                 raise
-            # Another mount made it since the entry this kernel (or our listing) had said it
-            # was absent: open(O_CREAT) opens what is there, as on one host.
+            # Another mount made it since this kernel's entry (or our listing) said it was
+            # absent: ESTALE makes the kernel look it up again and open what is there, with
+            # the permission checks of an open.
             self.dirs.clear()
-            return await self._open_existing(parent_inode, name, flags)
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
         self.dirs.added(parent_inode, name, attr)
         state, fh, _ = await self._open(attr.ino, flags, attr, created_chunk_size=chunk_size)
         state.first_chunk, state.first_chunk_at = first_chunk, trio.current_time()
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), self._reply(
-            attr, lookup=True
-        )
-
-    async def _open_existing(
-        self, parent: int, name: bytes, flags: int
-    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        attr = await self.client.lookup(parent, name)
-        if not stat.S_ISREG(attr.mode):
-            raise pyfuse3.FUSEError(errno.EISDIR if stat.S_ISDIR(attr.mode) else errno.EEXIST)
-        state, fh, keep = await self._open(attr.ino, flags, None)
-        if flags & os.O_TRUNC:
-            try:
-                attr = await state.setattr(size_bytes=0)
-            except BaseException:
-                await self.release(pyfuse3.FileHandleT(fh))
-                raise
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep), self._reply(
             attr, lookup=True
         )
 
@@ -643,15 +627,24 @@ class Operations(pyfuse3.Operations):
         older than the tracker's, so a lock holder sees every write of the previous one."""
         handle = self.handles.files[fh]
         if lock_type == fcntl.F_UNLCK:
-            await handle.state.flush(sync=self.sync_on_close)
+            # An unlock never fails on Linux: a flush error is the writer's (close reports it).
+            try:
+                await handle.state.flush(sync=self.sync_on_close)
+            except DfsError as exc:
+                log.warning("inode %d: unlocked with writes not stored: %s", handle.ino, exc)
             await self.locks.unlock(handle.ino, owner, flock=flock, start=start, end=end)
             return
+        if handle.state.has_local_changes:
+            # Writes of this mount first (as NFS does): then the map can be taken fresh.
+            await handle.state.flush(sync=self.sync_on_close)
         reply = await self.locks.set(
             handle.ino, fh, owner, flock=flock, lock_type=lock_type, start=start, end=end,
             pid=pid, wait=wait,
         )  # fmt: skip
         if reply.attr is not None:
-            await self._revalidate(handle.ino, handle.state, Attr.from_wire(reply.attr))
+            # Granted: an interrupt now must not turn it into EINTR (the lock is held).
+            with trio.CancelScope(shield=True):
+                await self._revalidate(handle.ino, handle.state, Attr.from_wire(reply.attr))
 
     async def _revalidate(self, ino: int, state: FileState, fresh: Attr) -> None:
         async with self.handles.inode_lock(ino):
@@ -667,7 +660,7 @@ class Operations(pyfuse3.Operations):
     async def release_lock_owner(self, fh: pyfuse3.FileHandleT, owner: int) -> None:
         handle = self.handles.files.get(fh)
         if handle is not None:
-            await self.locks.release_owner(handle.ino, owner)
+            await self.locks.release_owner(handle.ino, owner, fh)
 
     # --- directories ----------------------------------------------------------------------
 

@@ -15,7 +15,9 @@ two of them, and a granted lock is always recorded, because each request is shie
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -50,9 +52,19 @@ class MountLocks:
         # The tracker lock table our locks were granted in (None: none yet).
         self.table: str | None = None
         self._mine = LockTable(self.lease_s)
-        # fh -> owners that locked through it (flock and OFD locks go at its last close).
+        # fh -> owners that locked through it and were never named by a close (flush) of it:
+        # flock and OFD owners (the open file itself), whose locks go at its last close.
         self._through: dict[int, set[int]] = {}
         self._renew_now = trio.Event()
+        # When the tracker last confirmed our session (trio clock): past a lease without it,
+        # the locks may be another's by now and must not be reclaimed.
+        self._confirmed = trio.current_time()
+        # A reclaim and the changes to what we hold (grants recorded, unlocks, releases) go
+        # one at a time: an unlock sent during a reclaim could otherwise be undone by it.
+        self._order = trio.Lock()
+        # Releases the tracker did not get (unreachable past the retry window): sent again
+        # before each renewal, so that a lock we no longer hold is not kept alive by it.
+        self._unsent: list[Callable[[], Awaitable[object]]] = []
 
     @property
     def holding(self) -> bool:
@@ -83,23 +95,30 @@ class MountLocks:
                 except LockGrace:
                     self._renew_now.set()  # a new tracker: reclaim ours before asking again
                     reply = None
-                if reply is not None and reply.granted:
-                    self._granted(ino, fh, owner, reply)
-                    self._mine.try_set(ino, flock, (MINE, owner), lock_type, start, end, pid)
-                    return reply
+                except LocksLost as exc:
+                    async with self._order:
+                        self._lost(exc)
+                    continue  # a fresh start: ask again
+                if reply is not None:
+                    async with self._order:
+                        self._answered(ino, fh, owner, flock, lock_type, start, end, pid, reply)
+                    if reply.granted:
+                        return reply
             if reply is not None and not wait:
                 raise WouldBlock(f"inode {ino}: held by another owner")
             await trio.lowlevel.checkpoint()  # an interrupted wait ends here
 
     async def unlock(self, ino: int, owner: int, *, flock: bool, start: int, end: int) -> None:
         """Release a range (or an flock)."""
-        if (MINE, owner) not in self._mine.owners_on(ino):
-            return  # holds nothing there
-        # Forgotten here first: a reclaim racing with this release must not bring it back.
-        self._mine.try_set(ino, flock, (MINE, owner), fcntl.F_UNLCK, start, end, 0)
-        await self.client.set_lock(
-            ino, owner, flock=flock, lock_type=fcntl.F_UNLCK, start=start, end=end, pid=0
-        )
+        async with self._order:
+            if (MINE, owner) not in self._mine.owners_on(ino):
+                return  # holds nothing there
+            self._mine.try_set(ino, flock, (MINE, owner), fcntl.F_UNLCK, start, end, 0)
+            send = functools.partial(
+                self.client.set_lock,
+                ino, owner, flock=flock, lock_type=fcntl.F_UNLCK, start=start, end=end, pid=0,
+            )  # fmt: skip
+            await self._send_release(send)
 
     async def test(self, ino: int, owner: int, lock_type: int, start: int, end: int) -> m.LockReply:
         while True:
@@ -110,12 +129,28 @@ class MountLocks:
             except LockGrace:
                 self._renew_now.set()
 
-    async def release_owner(self, ino: int, owner: int) -> None:
-        """close(): every lock `owner` holds on `ino` goes."""
-        if (MINE, owner) not in self._mine.owners_on(ino):
-            return
-        self._mine.release_owner(ino, (MINE, owner))
-        await self.client.release_locks(ino, owner)
+    async def release_owner(self, ino: int, owner: int, closed_fh: int | None = None) -> None:
+        """close() of `closed_fh` by `owner` (or the last close of an open file): every lock
+        `owner` holds on `ino` goes."""
+        if closed_fh is not None:
+            # A process's owner, named by its close: not one of the open file's own.
+            self._through.get(closed_fh, set()).discard(owner)
+        async with self._order:
+            if (MINE, owner) not in self._mine.owners_on(ino):
+                return
+            self._mine.release_owner(ino, (MINE, owner))
+            await self._send_release(functools.partial(self.client.release_locks, ino, owner))
+
+    async def _send_release(self, send: Callable[[], Awaitable[object]]) -> None:
+        """A release never fails for the program (Linux's never do): if the tracker cannot
+        be told now, it is told before the next renewal."""
+        try:
+            await send()
+        except LocksLost as exc:
+            self._lost(exc)  # gone already
+        except DfsError as exc:
+            log.warning("a lock release will be sent again: %s", exc)
+            self._unsent.append(send)
 
     async def release_handle(self, ino: int, fh: int) -> None:
         """The last close of an open file: its flock and OFD locks go (their owner is the open
@@ -128,16 +163,41 @@ class MountLocks:
         for ino, _, owner, *_ in self._mine.dump():
             await self.release_owner(ino, owner)
 
-    def _granted(self, ino: int, fh: int, owner: int, reply: m.LockReply) -> None:
+    def _answered(
+        self,
+        ino: int,
+        fh: int,
+        owner: int,
+        flock: bool,
+        lock_type: int,
+        start: int,
+        end: int,
+        pid: int,
+        reply: m.LockReply,
+    ) -> None:
+        """Note the tracker's answer to a lock request in our own table (under `_order`)."""
+        self._confirmed = trio.current_time()
+        if reply.lease_s != self.lease_s:
+            self.lease_s = reply.lease_s
+            self._renew_now.set()
+        if not reply.granted:
+            if flock:  # as on the tracker: a refused conversion has dropped the old lock
+                self._mine.try_set(ino, True, (MINE, owner), fcntl.F_UNLCK, 0, LOCK_TO_END, 0)
+            return
         if self.table != reply.table:
             if self.table is not None and self._mine.any_held():
                 log.error("the locks held before the tracker changed were not reclaimed: lost")
                 self._mine = LockTable(self.lease_s)
             self.table = reply.table
         self._through.setdefault(fh, set()).add(owner)
-        if reply.lease_s != self.lease_s:
-            self.lease_s = reply.lease_s
-            self._renew_now.set()
+        if self._mine.try_set(ino, flock, (MINE, owner), lock_type, start, end, pid) is not None:
+            log.error("inode %d: a lock the tracker granted conflicts with our own table", ino)
+
+    def _lost(self, exc: LocksLost) -> None:
+        if self._mine.any_held():
+            log.error("this mount's locks were released: %s", exc)
+        self._mine = LockTable(self.lease_s)
+        self.table = None
 
     async def keep_lease(self) -> None:
         """Renew the session's lease on the tracker while this mount holds locks (every
@@ -147,25 +207,36 @@ class MountLocks:
             with trio.move_on_after(self.lease_s / 3):
                 await self._renew_now.wait()
             self._renew_now = trio.Event()
+            async with self._order:
+                unsent, self._unsent = self._unsent, []
+                for send in unsent:
+                    await self._send_release(send)
             if not self._mine.any_held() or self.table is None:
                 continue
             try:
                 await self.client.keep_locks(self.table)
+                self._confirmed = trio.current_time()
             except LocksLost as exc:
-                await self._reclaim(exc)
+                async with self._order:
+                    await self._reclaim(exc)
             except DfsError as exc:
                 log.warning("could not renew the lock lease: %s", exc)
 
     async def _reclaim(self, lost: LocksLost) -> None:
+        """Hand our locks to a new tracker in its grace period; unless our lease has run out
+        since the last confirmation: then another mount may hold them now (as NFS clients,
+        we give up rather than take them back)."""
+        if trio.current_time() - self._confirmed > self.lease_s:
+            self._lost(LocksLost(f"{lost}; and this mount's lease had run out"))
+            return
         held = self._mine.dump()
         try:
             reply = await self.client.reclaim_locks(held)
         except LocksLost as exc:
-            log.error("this mount's %d locks were released: %s (%s)", len(held), lost, exc)
-            self._mine = LockTable(self.lease_s)
-            self.table = None
+            self._lost(LocksLost(f"{lost} ({exc})"))
         except DfsError as exc:
             log.warning("could not reclaim the locks yet: %s", exc)
         else:
             log.info("reclaimed %d locks from a new tracker (%s)", len(held), lost)
             self.table = reply.table
+            self._confirmed = trio.current_time()

@@ -6,14 +6,14 @@
 #  - flock and fcntl locks reach the file system (Operations.enable_locks, getlk, setlk, flock,
 #    release_lock_owner after flush), so that dfs holds them cluster-wide: pyfuse3 leaves
 #    them to the kernel, per mount. Lock waits run outside the request workers and end
-#    with EINTR when the kernel interrupts them.
-# The result is version 3.5.0+dfs2, which satisfies the project's `pyfuse3>=3.4`.
+#    with EINTR when the kernel interrupts them or the session ends.
+# The result is version 3.5.0+dfs3, which satisfies the project's `pyfuse3>=3.4`.
 # Usage: packaging/build-pyfuse3.sh PYTHON   (the venv's python)
 set -euo pipefail
 python=$1
 here=$(cd "$(dirname "$0")" && pwd)
 version=3.5.0
-local_version=$version+dfs2
+local_version=$version+dfs3
 if "$python" -c "import importlib.metadata as m, sys; sys.exit(m.version('pyfuse3') != '$local_version')" 2>/dev/null; then
     exit 0
 fi

@@ -467,6 +467,11 @@ class Tracker:
         except DfsError as exc:
             log.warning("could not note held locks in the store: %s", exc)
 
+    def _check_not_lost(self, session: str) -> None:
+        if self.locks.lost(session):
+            lease = self.lock_lease_s
+            raise LocksLost(f"the session was silent for longer than its {lease} s lease")
+
     async def _after_grace(self) -> None:
         """New locks wait for the grace period; past MAX_LOCK_HOLD_S the mount asks again."""
         if self.locks.in_grace():
@@ -494,6 +499,8 @@ class Tracker:
     async def set_lock(self, msg: m.SetLock, peer: str) -> m.Message:
         if not stat.S_ISREG(self.namespace.inode(msg.ino).mode) and not msg.flock:
             raise InvalidArgument("fcntl locks are for regular files")
+        # A session whose lease ran out hears so before anything new is granted to it.
+        self._check_not_lost(msg.session)
         if msg.type != fcntl.F_UNLCK:
             await self._after_grace()
         self.locks.touch(msg.session)
@@ -530,18 +537,18 @@ class Tracker:
         if not self.locks.in_grace():
             raise LocksLost("too late to reclaim them: this tracker's grace period is over")
         refused = self.locks.reclaim(msg.session, msg.locks)
-        self.locks.touch(msg.session)
-        log.info("session %s reclaimed %d locks", msg.session, len(msg.locks) - refused)
         if refused:
+            # All or nothing: the mount forgets them all, so none may stay here unreleased.
+            self.locks.drop_session(msg.session)
             raise LocksLost(f"{refused} of the session's locks conflict with others' reclaims")
+        self.locks.touch(msg.session)
+        log.info("session %s reclaimed %d locks", msg.session, len(msg.locks))
         return self._lock_reply(None, msg.session, None)
 
     async def keep_locks(self, msg: m.KeepLocks, peer: str) -> m.Message:
         if msg.table != self.locks.id:
             raise LocksLost("the tracker restarted or failed over since they were granted")
-        if self.locks.lost(msg.session):
-            lease = self.lock_lease_s
-            raise LocksLost(f"the session was silent for longer than its {lease} s lease")
+        self._check_not_lost(msg.session)
         self.locks.touch(msg.session)
         return m.OkReply()
 

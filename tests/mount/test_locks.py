@@ -231,6 +231,22 @@ def test_an_unmount_releases_the_locks_still_held(
     assert after.answer() == "locked"
 
 
+def test_a_mount_with_a_waiter_still_stops(
+    cluster: ProcCluster, mount: MountFactory, holders: list[Holder]
+) -> None:
+    """SIGTERM ends a mount even while a process there waits for a lock held elsewhere: the
+    wait ends (the waiter gets an error), it does not keep the mount alive."""
+    a, b, name = two_mounts(cluster, mount, "f")
+    holders.append(holder := Holder(a.path / name, "fcntl", "ex", 0, 0))
+    assert holder.answer() == "locked"
+    holders.append(waiter := Holder(b.path / name, "fcntl", "ex", 0, 0, wait=True))
+    assert waiter.still_waiting(1.0)
+    assert b.proc is not None
+    b.proc.send_signal(signal.SIGTERM)
+    assert b.proc.wait(timeout=WAIT_S) == 0
+    assert waiter.answer().startswith("error ")
+
+
 def test_local_locks_stay_per_mount(
     cluster: ProcCluster, mount: MountFactory, holders: list[Holder]
 ) -> None:
