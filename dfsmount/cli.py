@@ -350,6 +350,11 @@ async def serve(
                 if scope.cancelled_caught:
                     log.warning("shutdown flush gave up after %g s", SHUTDOWN_FLUSH_S)
                 nursery.cancel_scope.cancel()
+        # Shutting down, and the signal receivers are gone: a SIGTERM from now on must not
+        # reach Python, whose wakeup fd (trio's) is closed as trio.run ends ("Exception
+        # ignored ... Broken pipe" on stderr); ignored, it is as good as handled.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
     return 0
 
 
