@@ -45,6 +45,7 @@ from cluster.errors import (
     Unavailable,
     collapse,
 )
+from cluster.locks import LockRange
 from cluster.protocol import PAYLOADS, SLOWEST_TRANSFER_BYTES_PER_S
 from cluster.rpc import ConnectionPool
 from cluster.trackers import Trackers, roles
@@ -415,32 +416,22 @@ class Client:
     # --- locks (cluster/locks.py) --------------------------------------------------
 
     async def set_lock(
-        self,
-        ino: int,
-        owner: int,
-        *,
-        flock: bool,
-        lock_type: int,
-        start: int,
-        end: int,
-        pid: int,
-        wait_s: float = 0.0,
+        self, ino: int, owner: int, lock: LockRange, wait_s: float = 0.0
     ) -> m.LockReply:
         """Take, convert or release a lock of this session's `owner`; with `wait_s`, the
         tracker holds the request that long while another owner's lock is in the way."""
         request = m.SetLock(
-            ino=ino, session=self.session, owner=owner, flock=flock, type=lock_type,
-            start=start, end=end, pid=pid, wait_s=wait_s,
+            ino=ino, session=self.session, owner=owner, flock=lock.flock, type=lock.type,
+            start=lock.start, end=lock.end, pid=lock.pid, wait_s=wait_s,
         )  # fmt: skip
         return await self._tracker(request, m.LockReply)
 
-    async def get_lock(
-        self, ino: int, owner: int, *, lock_type: int, start: int, end: int
-    ) -> m.LockReply:
+    async def get_lock(self, ino: int, owner: int, lock: LockRange) -> m.LockReply:
         """The first lock of another owner that conflicts with this one (F_GETLK)."""
         request = m.GetLock(
-            ino=ino, session=self.session, owner=owner, type=lock_type, start=start, end=end
-        )
+            ino=ino, session=self.session, owner=owner, type=lock.type, start=lock.start,
+            end=lock.end,
+        )  # fmt: skip
         return await self._tracker(request, m.LockReply)
 
     async def release_locks(self, ino: int, owner: int) -> None:

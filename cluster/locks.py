@@ -59,6 +59,21 @@ class Lock:
         return self.start <= end and start <= self.end
 
 
+@dataclass(frozen=True, slots=True)
+class LockRange:
+    """What one lock request asks for: its kind, type (F_RDLCK, F_WRLCK, F_UNLCK) and bytes
+    start..end inclusive (a whole file for flock), and the asking process (fcntl only)."""
+
+    flock: bool
+    type: int
+    start: int = 0
+    end: int = LOCK_TO_END
+    pid: int = 0
+
+    def unlocked(self) -> LockRange:
+        return LockRange(self.flock, fcntl.F_UNLCK, self.start, self.end)
+
+
 def check_range(lock_type: int, start: int, end: int) -> None:
     if lock_type not in LOCK_TYPES:
         raise InvalidArgument(f"lock type {lock_type} is not F_RDLCK, F_WRLCK or F_UNLCK")
@@ -190,6 +205,10 @@ class LockTable:
             if lock.owner != owner and (write or lock.write) and lock.overlaps(start, end):
                 return lock
         return None
+
+    def apply(self, ino: int, owner: Owner, lock: LockRange) -> Lock | None:
+        """`try_set` of a LockRange."""
+        return self.try_set(ino, lock.flock, owner, lock.type, lock.start, lock.end, lock.pid)
 
     def try_set(
         self, ino: int, flock: bool, owner: Owner, lock_type: int, start: int, end: int, pid: int

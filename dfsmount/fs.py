@@ -33,7 +33,7 @@ from cluster.xattrs import check_name as check_xattr_name
 from dfsmount.cache import DataCache, FileState
 from dfsmount.handles import HandleTable, OpenDir
 from dfsmount.inodes import AttrCache, DirCache, InodeTable, entry_attributes
-from dfsmount.locks import LOCK_NB, LOCK_TO_END, MountLocks, length_of, range_of
+from dfsmount.locks import LOCK_NB, LockRange, MountLocks, length_of, range_of
 from dfsmount.releases import ReleaseQueue
 from dfsmount.xattrs import XattrCache
 
@@ -588,8 +588,8 @@ class Operations(pyfuse3.Operations):
         self, fh: pyfuse3.FileHandleT, owner: int, lock: tuple[int, int, int, int]
     ) -> tuple[int, int, int, int]:
         l_type, l_start, l_len, l_pid = lock
-        start, end = range_of(l_start, l_len)
-        reply = await self.locks.test(self.handles.files[fh].ino, owner, l_type, start, end)
+        asked = LockRange(False, l_type, *range_of(l_start, l_len))
+        reply = await self.locks.test(self.handles.files[fh].ino, owner, asked)
         if reply.type == fcntl.F_UNLCK:
             return fcntl.F_UNLCK, l_start, l_len, l_pid
         return reply.type, reply.start, length_of(reply.start, reply.end), reply.pid
@@ -599,9 +599,9 @@ class Operations(pyfuse3.Operations):
         self, fh: pyfuse3.FileHandleT, owner: int, lock: tuple[int, int, int, int], sleep: bool
     ) -> None:
         l_type, l_start, l_len, l_pid = lock
-        start, end = range_of(l_start, l_len)
-        log.debug("setlk %d owner %#x type %d %d..%d wait %s", fh, owner, l_type, start, end, sleep)
-        await self._lock(fh, owner, False, l_type, start, end, l_pid, sleep)
+        asked = LockRange(False, l_type, *range_of(l_start, l_len), l_pid)
+        log.debug("setlk %d owner %#x %s wait %s", fh, owner, asked, sleep)
+        await self._lock(fh, owner, asked, sleep)
 
     @fuse_op
     async def flock(self, fh: pyfuse3.FileHandleT, owner: int, op: int) -> None:
@@ -609,38 +609,25 @@ class Operations(pyfuse3.Operations):
         lock_type = FLOCK_TYPES.get(op & ~LOCK_NB)
         if lock_type is None:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        await self._lock(fh, owner, True, lock_type, 0, LOCK_TO_END, 0, not op & LOCK_NB)
+        await self._lock(fh, owner, LockRange(True, lock_type), not op & LOCK_NB)
 
-    async def _lock(
-        self,
-        fh: int,
-        owner: int,
-        flock: bool,
-        lock_type: int,
-        start: int,
-        end: int,
-        pid: int,
-        wait: bool,
-    ) -> None:
+    async def _lock(self, fh: int, owner: int, asked: LockRange, wait: bool) -> None:
         """Lock or unlock, keeping the file's data coherent as NFS does: releasing a lock
         first stores the writes made under it on every copy, and taking one drops cached data
         older than the tracker's, so a lock holder sees every write of the previous one."""
         handle = self.handles.files[fh]
-        if lock_type == fcntl.F_UNLCK:
+        if asked.type == fcntl.F_UNLCK:
             # An unlock never fails on Linux: a flush error is the writer's (close reports it).
             try:
                 await handle.state.flush(sync=self.sync_on_close)
             except DfsError as exc:
                 log.warning("inode %d: unlocked with writes not stored: %s", handle.ino, exc)
-            await self.locks.unlock(handle.ino, owner, flock=flock, start=start, end=end)
+            await self.locks.unlock(handle.ino, owner, asked)
             return
         if handle.state.has_local_changes:
             # Writes of this mount first (as NFS does): then the map can be taken fresh.
             await handle.state.flush(sync=self.sync_on_close)
-        reply = await self.locks.set(
-            handle.ino, fh, owner, flock=flock, lock_type=lock_type, start=start, end=end,
-            pid=pid, wait=wait,
-        )  # fmt: skip
+        reply = await self.locks.set(handle.ino, fh, owner, asked, wait)
         if reply.attr is not None:
             # Granted: an interrupt now must not turn it into EINTR (the lock is held).
             with trio.CancelScope(shield=True):

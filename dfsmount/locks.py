@@ -24,7 +24,7 @@ import trio
 from cluster import messages as m
 from cluster.client import Client
 from cluster.errors import DfsError, LockGrace, LocksLost, WouldBlock
-from cluster.locks import LockTable
+from cluster.locks import LockRange, LockTable
 from cluster.messages import LOCK_TO_END
 
 log = logging.getLogger(__name__)
@@ -70,28 +70,15 @@ class MountLocks:
     def holding(self) -> bool:
         return self._mine.any_held()
 
-    async def set(
-        self,
-        ino: int,
-        fh: int,
-        owner: int,
-        *,
-        flock: bool,
-        lock_type: int,
-        start: int,
-        end: int,
-        pid: int,
-        wait: bool,
-    ) -> m.LockReply:
+    async def set(self, ino: int, fh: int, owner: int, lock: LockRange, wait: bool) -> m.LockReply:
         """Take (or convert) a lock, waiting for it if `wait`; WouldBlock if another owner's
         is in the way and not `wait`. Returns the tracker's grant, with the file's attrs."""
         while True:
             with trio.CancelScope(shield=True):
                 try:
                     reply = await self.client.set_lock(
-                        ino, owner, flock=flock, lock_type=lock_type, start=start, end=end,
-                        pid=pid, wait_s=WAIT_HOLD_S if wait else 0.0,
-                    )  # fmt: skip
+                        ino, owner, lock, WAIT_HOLD_S if wait else 0.0
+                    )
                 except LockGrace:
                     self._renew_now.set()  # a new tracker: reclaim ours before asking again
                     reply = None
@@ -101,31 +88,25 @@ class MountLocks:
                     continue  # a fresh start: ask again
                 if reply is not None:
                     async with self._order:
-                        self._answered(ino, fh, owner, flock, lock_type, start, end, pid, reply)
+                        self._answered(ino, fh, owner, lock, reply)
                     if reply.granted:
                         return reply
             if reply is not None and not wait:
                 raise WouldBlock(f"inode {ino}: held by another owner")
             await trio.lowlevel.checkpoint()  # an interrupted wait ends here
 
-    async def unlock(self, ino: int, owner: int, *, flock: bool, start: int, end: int) -> None:
-        """Release a range (or an flock)."""
+    async def unlock(self, ino: int, owner: int, lock: LockRange) -> None:
+        """Release a range (or an flock): `lock` of type F_UNLCK."""
         async with self._order:
             if (MINE, owner) not in self._mine.owners_on(ino):
                 return  # holds nothing there
-            self._mine.try_set(ino, flock, (MINE, owner), fcntl.F_UNLCK, start, end, 0)
-            send = functools.partial(
-                self.client.set_lock,
-                ino, owner, flock=flock, lock_type=fcntl.F_UNLCK, start=start, end=end, pid=0,
-            )  # fmt: skip
-            await self._send_release(send)
+            self._mine.apply(ino, (MINE, owner), lock)
+            await self._send_release(functools.partial(self.client.set_lock, ino, owner, lock))
 
-    async def test(self, ino: int, owner: int, lock_type: int, start: int, end: int) -> m.LockReply:
+    async def test(self, ino: int, owner: int, lock: LockRange) -> m.LockReply:
         while True:
             try:
-                return await self.client.get_lock(
-                    ino, owner, lock_type=lock_type, start=start, end=end
-                )
+                return await self.client.get_lock(ino, owner, lock)
             except LockGrace:
                 self._renew_now.set()
 
@@ -163,26 +144,15 @@ class MountLocks:
         for ino, _, owner, *_ in self._mine.dump():
             await self.release_owner(ino, owner)
 
-    def _answered(
-        self,
-        ino: int,
-        fh: int,
-        owner: int,
-        flock: bool,
-        lock_type: int,
-        start: int,
-        end: int,
-        pid: int,
-        reply: m.LockReply,
-    ) -> None:
+    def _answered(self, ino: int, fh: int, owner: int, lock: LockRange, reply: m.LockReply) -> None:
         """Note the tracker's answer to a lock request in our own table (under `_order`)."""
         self._confirmed = trio.current_time()
         if reply.lease_s != self.lease_s:
             self.lease_s = reply.lease_s
             self._renew_now.set()
         if not reply.granted:
-            if flock:  # as on the tracker: a refused conversion has dropped the old lock
-                self._mine.try_set(ino, True, (MINE, owner), fcntl.F_UNLCK, 0, LOCK_TO_END, 0)
+            if lock.flock:  # as on the tracker: a refused conversion has dropped the old lock
+                self._mine.apply(ino, (MINE, owner), lock.unlocked())
             return
         if self.table != reply.table:
             if self.table is not None and self._mine.any_held():
@@ -190,7 +160,7 @@ class MountLocks:
                 self._mine = LockTable(self.lease_s)
             self.table = reply.table
         self._through.setdefault(fh, set()).add(owner)
-        if self._mine.try_set(ino, flock, (MINE, owner), lock_type, start, end, pid) is not None:
+        if self._mine.apply(ino, (MINE, owner), lock) is not None:
             log.error("inode %d: a lock the tracker granted conflicts with our own table", ino)
 
     def _lost(self, exc: LocksLost) -> None:
