@@ -171,6 +171,8 @@ class LockTable:
         now = trio.current_time()
         for waiter in [w for w, (_, until) in self._waits_for.items() if until < now]:
             del self._waits_for[waiter]  # gave up waiting (interrupted, or its mount died)
+        for ino in [i for i, e in self._released.items() if not e.statistics().tasks_waiting]:
+            del self._released[ino]  # its waiters gave up
         gone = [s for s, end in self._lease_ends.items() if end < now]
         released = []
         for session in gone:
@@ -262,6 +264,19 @@ class LockTable:
             if locks and any(lock.owner == owner for lock in locks):
                 self._store(table, ino, [lock for lock in locks if lock.owner != owner])
                 self._wake(ino)
+        self._forget_if_free(ino, owner[0])
+
+    def _forget_if_free(self, ino: int, session: str) -> None:
+        """Keep `_inodes_of` to the inodes a session holds locks on (a long-lived mount that
+        locks many files one after another must not grow it)."""
+        tables = (self._posix, self._flock)
+        if any(lock.owner[0] == session for t in tables for lock in t.get(ino, ())):
+            return
+        inodes = self._inodes_of.get(session)
+        if inodes is not None:
+            inodes.discard(ino)
+            if not inodes:
+                del self._inodes_of[session]
 
     def _check_deadlock(self, waiter: Owner, holder: Owner) -> None:
         now = trio.current_time()
@@ -316,6 +331,7 @@ class LockTable:
         self._store(table, ino, others + merged)
         if shrunk:  # released or downgraded: a waiter may fit now
             self._wake(ino)
+            self._forget_if_free(ino, owner[0])
 
     @staticmethod
     def _store(table: dict[int, list[Lock]], ino: int, locks: list[Lock]) -> None:

@@ -453,18 +453,24 @@ class Tracker:
                         count,
                     )
 
-    def _note_locks_held(self) -> None:
+    def _note_locks_held(self, *, granting: bool = False) -> None:
         """While locks are held, keep the store saying so a lease ahead (one write per lease):
-        a tracker that takes over before then grants reclaims first."""
+        a tracker that takes over before then grants reclaims first. Before a grant
+        (`granting`) the note must reach past the longest wait: if it cannot be written, the
+        request fails (StoreUnavailable: the mount asks again) rather than grant a lock that
+        a takeover would not know of."""
         now = time.time()
-        if not self.locks.any_held() or self._locks_noted_until > now + self.lock_lease_s:
+        ahead = self.lock_lease_s + MAX_LOCK_HOLD_S
+        if not (granting or self.locks.any_held()) or self._locks_noted_until > now + ahead:
             return
-        until = now + 2 * self.lock_lease_s
+        until = now + ahead + self.lock_lease_s
         try:
             with self.store.transaction():
                 self.store.set_locks_held_until(until)
             self._locks_noted_until = until
         except DfsError as exc:
+            if granting:
+                raise StoreUnavailable(f"cannot note held locks in the store: {exc}") from exc
             log.warning("could not note held locks in the store: %s", exc)
 
     def _check_not_lost(self, session: str) -> None:
@@ -503,6 +509,7 @@ class Tracker:
         self._check_not_lost(msg.session)
         if msg.type != fcntl.F_UNLCK:
             await self._after_grace()
+            self._note_locks_held(granting=True)  # before: a takeover must know of the grant
         self.locks.touch(msg.session)
         owner = (msg.session, msg.owner)
         args = (msg.ino, msg.flock, owner, msg.type, msg.start, msg.end, msg.pid)
@@ -511,8 +518,6 @@ class Tracker:
         else:
             blocker = self.locks.try_set(*args)
         self.locks.touch(msg.session)
-        if blocker is None:
-            self._note_locks_held()  # before the grant is answered: a takeover must know
         # A granted lock carries fresh attributes so that the mount revalidates its cache.
         fresh = msg.ino if msg.type != fcntl.F_UNLCK else None
         return self._lock_reply(blocker, msg.session, fresh)
@@ -536,6 +541,7 @@ class Tracker:
             raise InvalidArgument("malformed lock to reclaim")
         if not self.locks.in_grace():
             raise LocksLost("too late to reclaim them: this tracker's grace period is over")
+        self._note_locks_held(granting=True)  # another takeover must know of them too
         refused = self.locks.reclaim(msg.session, msg.locks)
         if refused:
             # All or nothing: the mount forgets them all, so none may stay here unreleased.

@@ -172,3 +172,16 @@ async def test_syncs_go_on_across_the_change_counter_wrap(tmp_path: Path) -> Non
         assert durable.syncs == i + 1
         assert not durable.behind
     store.close()
+
+
+def test_the_note_of_held_locks_outlives_a_crash(open_store: OpenStore) -> None:
+    """What a tracker taking over reads to know whether mounts may still hold locks
+    (cluster/locks.py): written in a transaction, there after a crash and a restart."""
+    store = open_store()
+    assert store.locks_held_until() == 0.0  # a fresh cluster: no grace period
+    with store.transaction():
+        store.set_locks_held_until(1_900_000_000.5)
+    with store.transaction():
+        store.set_locks_held_until(1_900_000_060.5)
+    crash(store)
+    assert open_store().locks_held_until() == 1_900_000_061

@@ -146,3 +146,14 @@ async def test_a_new_table_in_grace_takes_reclaims_then_new_locks(
     # Outside a grace period nothing waits.
     await old.wait_grace(max_s=10)
     assert trio.current_time() - started == pytest.approx(3)
+
+
+def test_what_a_session_held_is_forgotten_once_released() -> None:
+    table = LockTable(lease_s=3)
+    for ino in range(100):
+        assert table.try_set(ino, False, A, W, 0, 9, 10) is None
+        assert table.try_set(ino, False, A, U, 0, LOCK_TO_END, 10) is None
+        assert table.try_set(ino, True, A, R, 0, LOCK_TO_END, 0) is None
+        table.release_owner(ino, A)
+    assert table._inodes_of == {}
+    assert not table.any_held()
