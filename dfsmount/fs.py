@@ -33,7 +33,7 @@ from cluster.xattrs import check_name as check_xattr_name
 from dfsmount.cache import DataCache, FileState
 from dfsmount.handles import HandleTable, OpenDir
 from dfsmount.inodes import AttrCache, DirCache, InodeTable, entry_attributes
-from dfsmount.locks import LOCK_NB, LockRange, MountLocks, length_of, range_of
+from dfsmount.locks import LockRange, MountLocks, length_of, range_of
 from dfsmount.releases import ReleaseQueue
 from dfsmount.xattrs import XattrCache
 
@@ -606,10 +606,10 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def flock(self, fh: pyfuse3.FileHandleT, owner: int, op: int) -> None:
         log.debug("flock %d owner %#x op %d", fh, owner, op)
-        lock_type = FLOCK_TYPES.get(op & ~LOCK_NB)
+        lock_type = FLOCK_TYPES.get(op & ~fcntl.LOCK_NB)
         if lock_type is None:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        await self._lock(fh, owner, LockRange(True, lock_type), not op & LOCK_NB)
+        await self._lock(fh, owner, LockRange(True, lock_type), not op & fcntl.LOCK_NB)
 
     async def _lock(self, fh: int, owner: int, asked: LockRange, wait: bool) -> None:
         """Lock or unlock, keeping the file's data coherent as NFS does: releasing a lock

@@ -14,7 +14,6 @@ two of them, and a granted lock is always recorded, because each request is shie
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -31,8 +30,6 @@ log = logging.getLogger(__name__)
 
 # How long the tracker holds one request of a lock wait.
 WAIT_HOLD_S = 1.0
-# flock(2) operations (sys/file.h)
-LOCK_SH, LOCK_EX, LOCK_NB, LOCK_UN = fcntl.LOCK_SH, fcntl.LOCK_EX, fcntl.LOCK_NB, fcntl.LOCK_UN
 MINE = ""  # the session of the mount's own table: owners are the kernel's alone
 
 
@@ -65,10 +62,6 @@ class MountLocks:
         # Releases the tracker did not get (unreachable past the retry window): sent again
         # before each renewal, so that a lock we no longer hold is not kept alive by it.
         self._unsent: list[Callable[[], Awaitable[object]]] = []
-
-    @property
-    def holding(self) -> bool:
-        return self._mine.any_held()
 
     async def set(self, ino: int, fh: int, owner: int, lock: LockRange, wait: bool) -> m.LockReply:
         """Take (or convert) a lock, waiting for it if `wait`; WouldBlock if another owner's
