@@ -367,6 +367,18 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def kill_once_under_way(
+    transfer: subprocess.Popen[Any], stored: Callable[[], int], kill: Callable[[], None], what: str
+) -> float:
+    """Wait until `transfer` (a put or cp) has `stored()` ten chunk files and is still going,
+    then `kill()` (the active tracker): the takeover tests' cut. Returns time.monotonic() at
+    the kill."""
+    wait_until(lambda: stored() >= 10, 60, f"the {what} to be under way")
+    assert transfer.poll() is None, f"the {what} finished before the kill"
+    kill()
+    return time.monotonic()
+
+
 def first_active_answer(secret_file: Path, addr: str, since: float, timeout: float) -> float:
     """Seconds from `since` (time.monotonic) to the first request the tracker at `addr`
     answers as the active tracker (polled every 20 ms, straight to it, through the client

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import filecmp
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.cluster_procs import chunk_files, wait_until
+from tests.cluster_procs import chunk_files, kill_once_under_way, wait_until
 from tests.conftest import MakeCluster, random_file
 from tests.mount.conftest import MountFactory
 from tests.procs.test_failover import LEASE_S, _first_answer, _pair, _roles
@@ -30,14 +29,12 @@ def test_cp_through_the_mount_survives_a_tracker_takeover(
     big = random_file(tmp_path / "big", 200 * MiB)
     copy = subprocess.Popen(["cp", str(big), str(m.path / "big")])
     try:
-        wait_until(
-            lambda: sum(len(chunk_files(k.data_dir)) for k in cluster.keepers) >= 10,
-            60,
-            "the cp to be under way",
+        killed_at = kill_once_under_way(
+            copy,
+            lambda: sum(len(chunk_files(k.data_dir)) for k in cluster.keepers),
+            active.kill,
+            "cp",
         )
-        assert copy.poll() is None, "the cp finished before the kill"
-        active.kill()
-        killed_at = time.monotonic()
         takeover_s = _first_answer(cluster, standby, killed_at, timeout=60)
         assert copy.wait(timeout=300) == 0
     finally:

@@ -8,10 +8,9 @@ reach their store across the bridge."""
 from __future__ import annotations
 
 import filecmp
-import time
 from pathlib import Path
 
-from tests.cluster_procs import chunk_files, first_active_answer, wait_until
+from tests.cluster_procs import chunk_files, first_active_answer, kill_once_under_way, wait_until
 from tests.conftest import random_file
 from tests.netcluster import NetCluster
 from tests.netns.conftest import LEASE_S
@@ -39,14 +38,12 @@ def test_standby_takes_over_across_hosts_from_a_killed_tracker_during_a_put(
     big = random_file(tmp_path / "big", 200 * MiB)
     put = cluster.dfs_background("put", str(big), "/big")
     try:
-        wait_until(
-            lambda: sum(len(chunk_files(k.data_dir)) for k, _ in cluster.keepers) >= 10,
-            60,
-            "the put to be under way",
+        killed_at = kill_once_under_way(
+            put,
+            lambda: sum(len(chunk_files(k.data_dir)) for k, _ in cluster.keepers),
+            active.kill,
+            "put",
         )
-        assert put.poll() is None, "the put finished before the kill"
-        active.kill()
-        killed_at = time.monotonic()
         # Asked from the client's host, as the client would.
         takeover_s = cluster.client.call(
             lambda: first_active_answer(cluster.secret, standby.addr, killed_at, timeout=30)

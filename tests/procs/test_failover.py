@@ -23,6 +23,7 @@ from tests.cluster_procs import (
     ProcCluster,
     chunk_files,
     first_active_answer,
+    kill_once_under_way,
     wait_until,
 )
 from tests.conftest import MakeCluster, random_file
@@ -89,14 +90,12 @@ def test_standby_takes_over_from_a_killed_tracker_during_a_put(
     big = random_file(tmp_path / "big", 200 * MiB)
     put = cluster.dfs_background("put", str(big), "/big")
     try:
-        wait_until(
-            lambda: sum(len(chunk_files(k.data_dir)) for k in cluster.keepers) >= 10,
-            60,
-            "the put to be under way",
+        killed_at = kill_once_under_way(
+            put,
+            lambda: sum(len(chunk_files(k.data_dir)) for k in cluster.keepers),
+            active.kill,
+            "put",
         )
-        assert put.poll() is None, "the put finished before the kill"
-        active.kill()
-        killed_at = time.monotonic()
         takeover_s = _first_answer(cluster, standby, killed_at, timeout=30)
         _, err = put.communicate(timeout=240)
     finally:
