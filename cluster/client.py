@@ -230,7 +230,7 @@ class Client:
                 # A standby: go where it points, or to the next tracker.
                 if trio.current_time() + delay > deadline:
                     raise Unavailable(f"no active tracker among {self.trackers}: {exc}") from None
-                self.trackers.follow(exc)
+                self.trackers.follow(addr, exc)
                 hops += 1
                 if exc.hint and hops <= len(self.trackers.addrs):
                     continue  # straight to the named tracker
@@ -240,7 +240,7 @@ class Client:
                     raise Unavailable(f"tracker {addr} unreachable: {exc}") from None
                 log.info("tracker %s unreachable (%s), retrying in %.2fs", addr, exc, delay)
                 self.pool.drop(addr)
-                self.trackers.next()
+                self.trackers.next(addr)
             hops = 0
             await trio.sleep(delay)
             delay = min(delay * 2, 1.0)

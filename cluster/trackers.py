@@ -5,6 +5,11 @@ Clients (and so the CLI and the mount) and the keepers' heartbeats keep one `Tra
 call `current`. A standby answers NotActive, naming the active tracker when it knows it: the
 caller goes there (`follow`). A tracker that cannot be reached, or a NotActive without a name,
 sends the caller to the next one of the list (`next`). With one tracker listed both keep it.
+
+Both take the address the caller asked, and move only if that is still `current`: a client's
+parallel transfers all fail on a dead tracker at once, and if each stepped on from wherever
+another had already moved `current`, an even number of them would step it back to the dead
+one, again and again, in lockstep, until the retry window ran out.
 """
 
 from __future__ import annotations
@@ -30,18 +35,23 @@ class Trackers:
     def __str__(self) -> str:
         return ",".join(self.addrs)
 
-    def follow(self, exc: NotActive) -> str:
-        """Go where a standby's answer points (a tracker outside the list too: the active
-        one knows best), or to the next tracker if it names none."""
+    def follow(self, asked: str, exc: NotActive) -> str:
+        """Go where the answer of standby `asked` points (a tracker outside the list too: the
+        active one knows best), or to the next tracker if it names none."""
+        if asked != self.current:
+            return self.current  # another caller has moved on already
         hint = exc.hint
         if hint and hint != self.current:
             log.info("tracker %s is standing by; following it to %s", self.current, hint)
             self.current = hint
             return hint
-        return self.next()
+        return self.next(asked)
 
-    def next(self) -> str:
-        """The tracker after the current one in the list (the first if it is not listed)."""
+    def next(self, failed: str) -> str:
+        """The tracker after `failed` in the list (the first if it is not listed), unless
+        another caller has moved on from `failed` already."""
+        if failed != self.current:
+            return self.current
         try:
             at = self.addrs.index(self.current)
         except ValueError:

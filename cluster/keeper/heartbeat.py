@@ -72,14 +72,14 @@ class Heartbeat:
                 await self._beat_until_lost()
             except NotActive as exc:
                 log.info("tracker %s: %s", self.tracker, exc)
-                self.trackers.follow(exc)
+                self.trackers.follow(self.tracker, exc)
                 if exc.hint:
                     delay = 0.05  # register with the active tracker at once
             except (DfsError, trio.TooSlowError) as exc:
                 log.info("tracker %s unreachable (%s); retrying", self.tracker, exc or "timeout")
                 self.pool.drop(self.tracker)
                 if isinstance(exc, (ConnectionLost, trio.TooSlowError)):
-                    self.trackers.next()
+                    self.trackers.next(self.tracker)
             except Exception:
                 # Never let the link to the tracker die of a bug: log it, register again.
                 log.exception("heartbeat failed")

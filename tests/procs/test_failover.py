@@ -16,6 +16,7 @@ import trio
 
 from cluster import auth
 from cluster import messages as m
+from cluster.client import Client
 from cluster.errors import NotActive
 from cluster.rpc import ConnectionPool
 from tests.cluster_procs import (
@@ -23,6 +24,7 @@ from tests.cluster_procs import (
     ProcCluster,
     chunk_files,
     first_active_answer,
+    free_port,
     kill_once_under_way,
     wait_until,
 )
@@ -174,3 +176,31 @@ def test_two_trackers_ride_out_a_postgresql_restart(
     assert "again" in cluster.dfs("ls", "/").stdout
     assert sorted(_roles(cluster).values()) == ["active", "standby"]
     _wait_healthy(cluster)
+
+
+def test_parallel_calls_failing_on_a_dead_tracker_all_reach_the_live_one(
+    make_cluster: MakeCluster,
+) -> None:
+    """A put's parallel transfers fail on a dead tracker at the same moment and retry in
+    lockstep: they must all move on to the live one, not step each other back to the dead one
+    (which once made a put give up during a takeover)."""
+    cluster = make_cluster(keepers=0)
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    live = cluster.tracker_addr
+    credentials = auth.Credentials.from_settings({"secret_file": str(cluster.secret_file)})
+
+    async def main() -> list[int]:
+        async with Client.connect(f"{dead},{live}", credentials, retry_window_s=5.0) as client:
+            results: list[int] = []
+
+            async def one() -> None:
+                results.append((await client.statfs()).files)
+
+            with trio.fail_after(30):  # catches a hang
+                async with trio.open_nursery() as nursery:
+                    for _ in range(8):
+                        nursery.start_soon(one)
+            assert client.trackers.current == live
+            return results
+
+    assert len(trio.run(main)) == 8
