@@ -282,13 +282,16 @@ class Client:
                 atime_ns=atime_ns,
                 mtime_ns=mtime_ns,
                 ctime_ns=ctime_ns,
+                session=self.session,
             )
         )
 
     async def punch_chunks(self, ino: int, first_index: int, end_index: int) -> Attr:
         """Chunks `first_index` to `end_index - 1` become holes (messages.PunchChunks)."""
         return await self._attr(
-            m.PunchChunks(ino=ino, first_index=first_index, end_index=end_index)
+            m.PunchChunks(
+                ino=ino, first_index=first_index, end_index=end_index, session=self.session
+            )
         )
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> Attr:
@@ -900,6 +903,7 @@ class Client:
                 chunks=[c.to_wire() for c in chunks],
                 sync=sync,
                 spares=spares,
+                session=self.session,
             ),
             m.AttrReply,
         )

@@ -242,6 +242,16 @@ class LocksLost(DfsError):
     errno = _errno.ENOLCK
 
 
+class LockFenced(DfsError):
+    """this mount's locks on the file were released while it was silent (its lease expired):
+    writes through the opens made before are refused; close the file and open it again"""
+
+    # Another host may have taken the lock and changed the file since: data written by the
+    # old holder, believing it still held the lock, would land on top (NFS answers EIO too).
+    code = 27
+    errno = _errno.EIO
+
+
 class ProtocolError(Exception):
     """The peer broke the framing or the handshake: close the connection, answer nothing."""
 
@@ -297,6 +307,7 @@ ERRORS_BY_CODE: dict[int, type[DfsError]] = {
         Deadlock,
         LocksLost,
         LockGrace,
+        LockFenced,
     )
 }
 

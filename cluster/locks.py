@@ -103,6 +103,9 @@ class LockTable:
         self._inodes_of: dict[str, set[int]] = {}
         # Sessions whose lease ended while they held locks, until they are told.
         self._lost: set[str] = set()
+        # (session, inode) of locks released by an expired lease: the session's writes to
+        # the inode are refused until it closes the file (the tracker asks `fenced`).
+        self._fenced: set[tuple[str, int]] = set()
         # Reclaims only until then (trio clock; None: not started); new locks wait for it.
         self._grace_ends: float | None = None if grace else 0.0
         self._grace_over = trio.Event()
@@ -177,22 +180,37 @@ class LockTable:
         released = []
         for session in gone:
             del self._lease_ends[session]
-            count = self.drop_session(session)
+            count = self.drop_session(session, fence=True)
             if count:
                 self._lost.add(session)
             released.append((session, count))
         return released
 
-    def drop_session(self, session: str) -> int:
+    def drop_session(self, session: str, *, fence: bool = False) -> int:
+        """Release every lock of `session`; returns how many. With `fence`, the inodes it
+        held locks on are fenced against its writes (see `fenced`)."""
         count = 0
         for ino in self._inodes_of.pop(session, set()):
             for table in (self._posix, self._flock):
                 locks = table.get(ino, [])
                 kept = [lock for lock in locks if lock.owner[0] != session]
+                if fence and len(kept) < len(locks):
+                    self._fenced.add((session, ino))
                 count += len(locks) - len(kept)
                 self._store(table, ino, kept)
             self._wake(ino)
         return count
+
+    def fenced(self, session: str, ino: int) -> bool:
+        """Whether `session` lost locks on `ino` to an expired lease: another host may have
+        taken them and changed the file since, so what the session writes there now was
+        written believing it held them, and must not land. Lasts until `unfence`."""
+        return (session, ino) in self._fenced
+
+    def unfence(self, session: str, ino: int) -> None:
+        """`session` no longer has `ino` open: whatever it writes after opening it again was
+        written knowing the locks were gone."""
+        self._fenced.discard((session, ino))
 
     # --- queries and changes --------------------------------------------------------------
 

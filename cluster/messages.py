@@ -314,6 +314,9 @@ class SetAttr(Message):
     atime_ns: int | None = None
     mtime_ns: int | None = None
     ctime_ns: int | None = None
+    # The client's session: a size change is a write, refused where the session's locks were
+    # lost to an expired lease (errors.LockFenced).
+    session: str = ""
 
 
 @message
@@ -740,6 +743,8 @@ class CommitChunks(Message):
     sync: bool = True
     # Allocate a next version of each chunk committed (AttrReply.spares).
     spares: bool = False
+    # The writer's session: refused where its locks were lost to an expired lease (LockFenced).
+    session: str = ""
 
 
 @message
@@ -753,6 +758,7 @@ class PunchChunks(Message):
     ino: int
     first_index: int
     end_index: int
+    session: str = ""  # as CommitChunks.session
 
 
 @message

@@ -56,7 +56,7 @@ from collections.abc import Callable
 import trio
 
 from cluster.client import Attr, ChunkInfo, Client, FileChunks, Placement
-from cluster.errors import DfsError, Unavailable
+from cluster.errors import DfsError, LockFenced, Unavailable
 from dfsmount import patches
 from dfsmount.buffers import ChunkBuffer, DirtyBudget
 from dfsmount.chunkcache import ChunkCache
@@ -350,6 +350,13 @@ class FileState:
         self.first_chunk = None
         return unused
 
+    def fence(self, error: LockFenced) -> None:
+        """The locks this mount held on the file were lost: what was written under them (and
+        anything written through the opens of now) never lands; every write and flush fails
+        with `error` until the last close drops this state."""
+        log.error("inode %d: writes refused until the file is closed: %s", self.ino, error)
+        self.error = error
+
     def _fail(self, index: int, exc: DfsError) -> None:
         log.warning("inode %d: chunk %d could not be stored: %s", self.ino, index, exc)
         if self.error is None:
@@ -406,9 +413,13 @@ class FileState:
             size = max(size, min(self.size, info.index * self.chunk_size + info.length))
         # A synced flush (fsync, O_DSYNC) is often one of many small ones: take a spare next
         # version of each chunk, so that the next one patches it with no allocation trip.
-        attr, spares = await self.cache.client.commit_with_spares(
-            self.ino, size, chunks, self.mtime_ns, sync=sync, spares=sync
-        )
+        try:
+            attr, spares = await self.cache.client.commit_with_spares(
+                self.ino, size, chunks, self.mtime_ns, sync=sync, spares=sync
+            )
+        except LockFenced as exc:
+            self.fence(exc)  # the tracker knew before us: for good, not just this commit
+            raise
         now = trio.current_time()
         for info in chunks:
             spare = spares.get(info.index)
@@ -607,6 +618,13 @@ class DataCache:
             if left is not None:
                 state.unsynced, state.sync_known = left, True
         return state
+
+    def fence(self, inos: set[int], why: str) -> None:
+        """Refuse writes to the open files of `inos` (MountLocks.on_lost)."""
+        for ino in inos:
+            state = self.files.get(ino)
+            if state is not None:
+                state.fence(LockFenced(f"inode {ino}: this mount's locks on it were lost ({why})"))
 
     def local_attrs(self, ino: int) -> tuple[int, int] | None:
         state = self.files.get(ino)

@@ -128,6 +128,7 @@ class Operations(pyfuse3.Operations):
         self.releases = ReleaseQueue(client)
         nursery.start_soon(self.releases.run, name="releases")
         self.locks = MountLocks(client)
+        self.locks.on_lost = lambda inos, exc: self.data.fence(inos, str(exc))
         nursery.start_soon(self.locks.keep_lease, name="lock lease")
         # Set once the kernel's INIT request is answered: the kernel applies its settings for
         # the mount (read-ahead among them) when it gets that answer.

@@ -62,6 +62,9 @@ class MountLocks:
         # Releases the tracker did not get (unreachable past the retry window): sent again
         # before each renewal, so that a lock we no longer hold is not kept alive by it.
         self._unsent: list[Callable[[], Awaitable[object]]] = []
+        # Told the inodes whose locks were lost while held (another host may have changed
+        # them since): the data cache refuses writes to them until their last close.
+        self.on_lost: Callable[[set[int], LocksLost], object] = lambda inos, exc: None
 
     async def set(self, ino: int, fh: int, owner: int, lock: LockRange, wait: bool) -> m.LockReply:
         """Take (or convert) a lock, waiting for it if `wait`; WouldBlock if another owner's
@@ -149,16 +152,17 @@ class MountLocks:
             return
         if self.table != reply.table:
             if self.table is not None and self._mine.any_held():
-                log.error("the locks held before the tracker changed were not reclaimed: lost")
-                self._mine = LockTable(self.lease_s)
+                self._lost(LocksLost("those held before the tracker changed were not reclaimed"))
             self.table = reply.table
         self._through.setdefault(fh, set()).add(owner)
         if self._mine.apply(ino, (MINE, owner), lock) is not None:
             log.error("inode %d: a lock the tracker granted conflicts with our own table", ino)
 
     def _lost(self, exc: LocksLost) -> None:
-        if self._mine.any_held():
+        held = {ino for ino, *_ in self._mine.dump()}
+        if held:
             log.error("this mount's locks were released: %s", exc)
+            self.on_lost(held, exc)
         self._mine = LockTable(self.lease_s)
         self.table = None
 

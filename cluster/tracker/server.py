@@ -24,6 +24,7 @@ from cluster.auth import Credentials
 from cluster.errors import (
     DfsError,
     InvalidArgument,
+    LockFenced,
     LockGrace,
     LocksLost,
     NoSpace,
@@ -356,6 +357,8 @@ class Tracker:
         return m.AttrReply(attr=self.namespace.inode(msg.ino).as_list())
 
     async def set_attr(self, msg: m.SetAttr, peer: str) -> m.Message:
+        if msg.size_bytes is not None:
+            self._check_not_fenced(msg.session, msg.ino)
         inode, removal = self.namespace.setattr(
             msg.ino,
             mode=msg.mode,
@@ -478,6 +481,19 @@ class Tracker:
             lease = self.lock_lease_s
             raise LocksLost(f"the session was silent for longer than its {lease} s lease")
 
+    def _check_not_fenced(self, session: str, ino: int) -> None:
+        """Refuse a write of `session` to `ino` where its locks were released by an expired
+        lease, until it has closed the file (an open made since knows they are gone)."""
+        if not self.locks.fenced(session, ino):
+            return
+        if session not in self.namespace.open_by.get(ino, {}):
+            self.locks.unfence(session, ino)
+            return
+        raise LockFenced(
+            f"inode {ino}: this mount's locks on it were released while it was silent for "
+            f"longer than its {self.lock_lease_s} s lease; close the file and open it again"
+        )
+
     async def _after_grace(self) -> None:
         """New locks wait for the grace period; past MAX_LOCK_HOLD_S the mount asks again."""
         if self.locks.in_grace():
@@ -563,6 +579,8 @@ class Tracker:
             raise InvalidArgument("malformed unused allocation")
         for ino in msg.inos:
             self._removed(self.namespace.release(ino, msg.session))
+            if msg.session not in self.namespace.open_by.get(ino, {}):
+                self.locks.unfence(msg.session, ino)
         if msg.unused:
             # Nothing was written under these: dropping the rows is all there is to free.
             with self.store.transaction():
@@ -699,6 +717,7 @@ class Tracker:
         )
 
     async def commit_chunks(self, msg: m.CommitChunks, peer: str) -> m.Message:
+        self._check_not_fenced(msg.session, msg.ino)
         replaced: list[ChunkRow] = []
         with self.store.transaction():
             inode = self.namespace.inode(msg.ino)
@@ -747,6 +766,7 @@ class Tracker:
         return spares
 
     async def punch_chunks(self, msg: m.PunchChunks, peer: str) -> m.Message:
+        self._check_not_fenced(msg.session, msg.ino)
         inode, removal = self.namespace.punch(msg.ino, msg.first_index, msg.end_index)
         self._removed(removal)
         return m.AttrReply(attr=inode.as_list())

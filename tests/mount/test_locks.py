@@ -8,6 +8,7 @@ process that exits drops them through close(), as a real program's would.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster_procs import ProcCluster
+from tests.cluster_procs import ProcCluster, wait_until
 from tests.conftest import MakeCluster
 from tests.mount.conftest import Mount, MountFactory
 
@@ -45,11 +46,18 @@ HOLDER = textwrap.dedent(
         print(f"error {exc.errno}", flush=True)
         sys.exit(1)
     print("locked", flush=True)
-    for line in sys.stdin:  # a "lock START LENGTH" line takes one more (blocking) range
-        _, more_start, more_length = line.split()
+    # "lock START LENGTH" takes one more (blocking) range; "write OFFSET TEXT" writes and
+    # fsyncs; each answers "locked" or "wrote", or "error ERRNO".
+    for line in sys.stdin:
+        command, first, second = line.split()
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX, int(more_length), int(more_start))
-            print("locked", flush=True)
+            if command == "lock":
+                fcntl.lockf(fd, fcntl.LOCK_EX, int(second), int(first))
+                print("locked", flush=True)
+            else:
+                os.pwrite(fd, second.encode(), int(first))
+                os.fsync(fd)
+                print("wrote", flush=True)
         except OSError as exc:
             print(f"error {exc.errno}", flush=True)
     """
@@ -88,8 +96,15 @@ class Holder:
         return self.proc.poll() is None and not self.proc.stdout.readline()
 
     def lock_more(self, start: int, length: int) -> None:
+        self._tell(f"lock {start} {length}")
+
+    def write(self, offset: int, text: str) -> None:
+        """Write `text` (no spaces) at `offset` through the locked descriptor, and fsync."""
+        self._tell(f"write {offset} {text}")
+
+    def _tell(self, line: str) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"lock {start} {length}\n")
+        self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
 
     def release(self) -> None:
@@ -212,6 +227,60 @@ def test_a_killed_waiter_dies_and_a_killed_mounts_locks_are_released(
     holders.append(after := Holder(b.path / name, "fcntl", "ex", 0, 0, wait=True))
     assert after.answer() == "locked"
     print(f"lock of a killed mount released after {time.monotonic() - started:.1f} s")
+
+
+def test_a_mount_stopped_past_its_lease_cannot_write_under_the_lost_lock(
+    make_cluster: MakeCluster, mount: MountFactory, holders: list[Holder]
+) -> None:
+    """A's mount is stopped (SIGSTOP) with a lock held: past its lease the lock is B's, and B
+    changes the file. Woken, A's process believes it still holds the lock; its writes through
+    the descriptor it locked fail with EIO (as NFS's under a lost lock) and B's bytes stay.
+    Once A has closed the file, a new open writes again."""
+    cluster = make_cluster(tracker_args=["--lock-lease-s", "2"])
+    a, b, name = two_mounts(cluster, mount, "f")
+    holders.append(holder := Holder(a.path / name, "fcntl", "ex", 0, 0))
+    assert holder.answer() == "locked"
+    holder.write(0, "under-A's-lock")
+    assert holder.answer() == "wrote"
+
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        holders.append(other := Holder(b.path / name, "fcntl", "ex", 0, 0, wait=True))
+        assert other.answer() == "locked"  # once A's lease ran out
+        other.write(0, "B-took-the-lock")
+        assert other.answer() == "wrote"
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+
+    holder.write(0, "stale-write-of-A")
+    assert holder.answer() == f"error {errno.EIO}"
+    holder.write(100, "again")  # for good, not once
+    assert holder.answer() == f"error {errno.EIO}"
+    other.release()
+    assert (b.path / name).read_bytes() == b"B-took-the-lock" + b"x" * (4096 - 15)
+    assert "writes refused until the file is closed" in a.logs()
+
+    # Closed, and opened again: A writes knowing (the last close reaches the mount a moment
+    # after the process is gone: until then the open shares the old, refused state).
+    holder.release()
+
+    def write_anew() -> bool:
+        fd = os.open(a.path / name, os.O_RDWR)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            os.pwrite(fd, b"A-again", 0)
+            os.fsync(fd)
+            os.close(fd)
+            return True
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            with contextlib.suppress(OSError):
+                os.close(fd)  # its flush fails the same way
+            return False
+
+    wait_until(write_anew, 10, "a new open of A's to write")
+    assert (b.path / name).read_bytes()[:15] == b"A-againthe-lock"
 
 
 def test_an_unmount_releases_the_locks_still_held(

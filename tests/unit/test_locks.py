@@ -126,6 +126,39 @@ async def test_a_silent_session_loses_its_locks_once(autojump_clock: trio.abc.Cl
     assert not table.lost(B[0])
 
 
+async def test_an_expired_session_is_fenced_from_the_inodes_it_had_locked(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    table = LockTable(lease_s=3)
+    for session in (A[0], B[0]):
+        table.touch(session)
+    assert table.try_set(INO, False, A, W, 0, 99, 10) is None
+    assert table.try_set(INO + 1, True, A, R, 0, LOCK_TO_END, 0) is None
+    assert table.try_set(INO + 2, False, A, W, 0, 9, 10) is None
+    assert table.try_set(INO + 2, False, A, U, 0, 9, 10) is None  # released in time
+    assert table.try_set(INO + 3, False, B, W, 0, 9, 20) is None
+    await trio.sleep(2)
+    table.touch(B[0])
+    await trio.sleep(2)
+    assert table.expire() == [(A[0], 2)]
+    # Fenced: both kinds of lock, whatever else the table is told meanwhile (the session's
+    # lease running again, its being told that it lost them); not what it had released.
+    table.touch(A[0])
+    assert table.lost(A[0])
+    assert table.fenced(A[0], INO)
+    assert table.fenced(A[0], INO + 1)
+    assert not table.fenced(A[0], INO + 2)
+    assert not table.fenced(B[0], INO + 3)
+    assert not table.fenced(B[0], INO)
+    table.unfence(A[0], INO)  # it closed the file
+    assert not table.fenced(A[0], INO)
+    assert table.fenced(A[0], INO + 1)
+    # A refused reclaim drops a session's locks without a fence: its table was another's.
+    assert table.try_set(INO + 4, False, B, W, 0, 9, 20) is None
+    table.drop_session(B[0])
+    assert not table.fenced(B[0], INO + 4)
+
+
 async def test_a_new_table_in_grace_takes_reclaims_then_new_locks(
     autojump_clock: trio.abc.Clock,
 ) -> None:

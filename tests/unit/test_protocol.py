@@ -9,6 +9,7 @@ import pytest
 import trio
 import trio.testing
 
+from cluster import errors
 from cluster import messages as m
 from cluster.errors import ProtocolError
 from cluster.protocol import FrameStream, Limits
@@ -92,6 +93,20 @@ def test_invalid_messages(body: dict[str, object]) -> None:
 def test_message_types_are_unique_and_registered() -> None:
     assert len(m.REGISTRY) == len({cls.TYPE for cls in m.REGISTRY.values()})
     assert m.REGISTRY[int(m.MsgType.PUT_CHUNK)] is m.PutChunk
+
+
+def test_every_error_class_comes_back_from_the_wire_as_itself() -> None:
+    """An error missing from ERRORS_BY_CODE would reach the client as a plain DfsError (EIO,
+    and no `except` of its class would catch it)."""
+
+    def subclasses(cls: type[errors.DfsError]) -> list[type[errors.DfsError]]:
+        return [cls] + [c for sub in cls.__subclasses__() for c in subclasses(sub)]
+
+    # ConnectionLost is local: it never crosses the wire (it travels as Unavailable).
+    everyone = [c for c in subclasses(errors.DfsError) if c is not errors.ConnectionLost]
+    assert len({cls.code for cls in everyone}) == len(everyone), "two classes share a code"
+    for cls in everyone:
+        assert type(errors.error_from_wire(cls.code, "x")) is cls, cls.__name__
 
 
 async def test_back_to_back_frames_over_a_socket() -> None:
