@@ -20,6 +20,7 @@ import trio
 from cluster.client import Client
 from cluster.errors import LockFenced
 from cluster.locks import LockRange
+from tests.cluster_procs import ProcCluster
 from tests.conftest import MakeCluster
 
 WHOLE_WRITE = LockRange(flock=False, type=fcntl.F_WRLCK, pid=1)
@@ -37,10 +38,15 @@ async def _read(client: Client, path: str, scratch: Path) -> bytes:
     return scratch.read_bytes()
 
 
+@pytest.fixture
+def cluster(make_cluster: MakeCluster) -> ProcCluster:
+    """Two keepers, and sessions whose locks go one second after their last renewal."""
+    return make_cluster(keepers=2, replication=2, tracker_args=["--lock-lease-s", str(LEASE_S)])
+
+
 def test_writes_under_a_lock_lost_to_an_expired_lease_are_refused_until_reopened(
-    make_cluster: MakeCluster, tmp_path: Path
+    cluster: ProcCluster, tmp_path: Path
 ) -> None:
-    cluster = make_cluster(keepers=2, replication=2, tracker_args=["--lock-lease-s", str(LEASE_S)])
     out = tmp_path / "out"
 
     async def main() -> None:
@@ -82,9 +88,8 @@ def test_writes_under_a_lock_lost_to_an_expired_lease_are_refused_until_reopened
 
 
 def test_a_session_that_releases_its_lock_in_time_is_not_fenced(
-    make_cluster: MakeCluster, tmp_path: Path
+    cluster: ProcCluster, tmp_path: Path
 ) -> None:
-    cluster = make_cluster(keepers=2, replication=2, tracker_args=["--lock-lease-s", str(LEASE_S)])
     out = tmp_path / "out"
 
     async def main() -> None:
