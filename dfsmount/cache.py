@@ -52,6 +52,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import trio
 
@@ -125,6 +126,10 @@ class FileState:
         self.unused_spares: list[Placement] = []  # to give back at release
         self.error: DfsError | None = None
         self.error_reported = False  # `error` was raised to some caller (flush, write)
+        # Set when this mount's locks on the file were lost (`fence`): writes fail with it
+        # until the last close drops this state.
+        self.fenced: LockFenced | None = None
+        self._loss_unreported = False  # writes were dropped by the fence; nobody told yet
         self.lock = trio.Lock()
         self._map_lock = trio.Lock()
 
@@ -199,6 +204,8 @@ class FileState:
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         self._raise_error()
+        if self.fenced is not None:
+            self._refuse(self.fenced)
         if not data:
             return
         await self.ensure_map()
@@ -351,11 +358,40 @@ class FileState:
         return unused
 
     def fence(self, error: LockFenced) -> None:
-        """The locks this mount held on the file were lost: what was written under them (and
-        anything written through the opens of now) never lands; every write and flush fails
-        with `error` until the last close drops this state."""
-        log.error("inode %d: writes refused until the file is closed: %s", self.ino, error)
-        self.error = error
+        """The locks this mount held on the file were lost: another host may have changed it
+        since. Writes fail with `error` until the last close drops this state, and what was
+        written and not committed is dropped, never to land. The first write, fsync or
+        close after that fails with `error` too, as Linux reports a lost write-back once;
+        later flushes (a reader's close) succeed."""
+        if self.fenced is None:
+            log.error("inode %d: writes refused until the file is closed: %s", self.ino, error)
+            self.fenced = error
+        self._discard_local_changes()
+
+    def _discard_local_changes(self) -> None:
+        """Forget what was written here and not committed (a chunk still uploading lands in
+        `pending` later, and goes at the next flush); the next read takes the chunk map and
+        size from the tracker again."""
+        if self.has_local_changes:
+            self._loss_unreported = True
+            self.cache.discard(self)
+            self.committed_writes = self.writes
+            self.remote = None
+
+    async def _flush_fenced(self) -> bool:
+        """A flush of a fenced file: nothing lands; raises if writes were dropped unreported."""
+        assert self.fenced is not None
+        for upload in list(self.uploading.values()):
+            await upload.done.wait()
+        self._discard_local_changes()
+        if self._loss_unreported:
+            self._refuse(self.fenced)
+        return False
+
+    def _refuse(self, fenced: LockFenced) -> NoReturn:
+        """Fail a write (or the flush that tells of dropped writes) of a fenced file."""
+        self._loss_unreported = False
+        raise _copy(fenced)
 
     def _fail(self, index: int, exc: DfsError) -> None:
         log.warning("inode %d: chunk %d could not be stored: %s", self.ino, index, exc)
@@ -399,6 +435,8 @@ class FileState:
 
     async def _flush_locked(self, *, sync: bool = False) -> bool:
         self._raise_error()
+        if self.fenced is not None:
+            return await self._flush_fenced()
         if not self.has_local_changes:
             return False
         size, writes = self.size, self.writes
@@ -407,6 +445,8 @@ class FileState:
         for upload in list(self.uploading.values()):
             await upload.done.wait()
         self._raise_error()
+        if self.fenced is not None:  # the locks were lost while the chunks were uploading
+            return await self._flush_fenced()
         chunks = sorted(self.pending.values(), key=lambda c: c.index)
         # A chunk uploaded meanwhile for a racing write may reach past the snapshot's size.
         for info in chunks:
@@ -419,6 +459,7 @@ class FileState:
             )
         except LockFenced as exc:
             self.fence(exc)  # the tracker knew before us: for good, not just this commit
+            self._loss_unreported = False
             raise
         now = trio.current_time()
         for info in chunks:
@@ -456,6 +497,8 @@ class FileState:
         tracker's new attributes if chunks were punched."""
         if end <= start:
             return None
+        if self.fenced is not None:
+            self._refuse(self.fenced)
         await self.ensure_map()
         chunk_size = self.chunk_size
         first_whole, end_whole = -(-start // chunk_size), end // chunk_size
@@ -484,6 +527,8 @@ class FileState:
         """A tracker setattr that must not be overtaken by a later commit (size, times):
         flush first, then apply it, then adjust the local view."""
         async with self.lock:
+            if self.fenced is not None and fields.get("size_bytes") is not None:
+                self._refuse(self.fenced)
             await self._flush_before_change()
             attr = await self.cache.client.setattr(self.ino, **fields)
             size = fields.get("size_bytes")
@@ -607,6 +652,8 @@ class DataCache:
         self.uploading_bytes = 0
         # Told the tracker's attributes after each commit (the mount's attribute cache).
         self.on_commit: Callable[[Attr], object] = lambda attr: None
+        # Told the inode whose uncommitted writes were dropped (the kernel's pages hold them).
+        self.on_discard: Callable[[int], object] = lambda ino: None
         # Dirty buffers, oldest first: what `relieve_pressure` uploads.
         self._order: dict[tuple[int, int], tuple[FileState, ChunkBuffer]] = {}
 
@@ -644,6 +691,15 @@ class DataCache:
             self.unsynced_after_close[ino] = state.unsynced
             while len(self.unsynced_after_close) > UNSYNCED_MEMORY:
                 del self.unsynced_after_close[next(iter(self.unsynced_after_close))]
+        self._forget_changes(state)
+        return state.unused_placements()
+
+    def discard(self, state: FileState) -> None:
+        """Drop `state`'s uncommitted writes (a fence) and the kernel's pages of them."""
+        self._forget_changes(state)
+        self.on_discard(state.ino)
+
+    def _forget_changes(self, state: FileState) -> None:
         for buf in list(state.dirty.values()):
             self.unregister(state, buf)
             self.budget.release(buf.accounted)
@@ -653,7 +709,6 @@ class DataCache:
             # tracker's garbage grace period.
             self.nursery.start_soon(self._abandon, list(state.pending.values()))
             state.pending.clear()
-        return state.unused_placements()
 
     async def _abandon(self, chunks: list[ChunkInfo]) -> None:
         try:

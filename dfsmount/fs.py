@@ -124,6 +124,7 @@ class Operations(pyfuse3.Operations):
         self.handles = HandleTable()
         self.data = DataCache(client, nursery, dirty_bytes=dirty_bytes, cache_bytes=cache_bytes)
         self.data.on_commit = self.attrs.put
+        self.data.on_discard = self._forget_pages
         client.dir_changed = self.attrs.put_newer
         self.releases = ReleaseQueue(client)
         nursery.start_soon(self.releases.run, name="releases")
@@ -643,6 +644,12 @@ class Operations(pyfuse3.Operations):
             self.inodes.note_reported(ino, fresh.size, fresh.mtime_ns)
         # In a thread: dropping pages waits for reads of them in flight, which this loop serves.
         await trio.to_thread.run_sync(_invalidate_inode, ino)
+
+    def _forget_pages(self, ino: int) -> None:
+        """Writes dropped before they landed (a lost lock): the kernel's pages and size of
+        the file must come from the tracker again."""
+        self.attrs.drop(ino)
+        self.data.nursery.start_soon(trio.to_thread.run_sync, _invalidate_inode, ino)
 
     @fuse_op
     async def release_lock_owner(self, fh: pyfuse3.FileHandleT, owner: int) -> None:

@@ -47,7 +47,7 @@ HOLDER = textwrap.dedent(
         sys.exit(1)
     print("locked", flush=True)
     # "lock START LENGTH" takes one more (blocking) range; "write OFFSET TEXT" writes and
-    # fsyncs; each answers "locked" or "wrote", or "error ERRNO".
+    # fsyncs, "put OFFSET TEXT" only writes; each answers "locked" or "wrote", or "error ERRNO".
     for line in sys.stdin:
         command, first, second = line.split()
         try:
@@ -56,7 +56,8 @@ HOLDER = textwrap.dedent(
                 print("locked", flush=True)
             else:
                 os.pwrite(fd, second.encode(), int(first))
-                os.fsync(fd)
+                if command == "write":
+                    os.fsync(fd)
                 print("wrote", flush=True)
         except OSError as exc:
             print(f"error {exc.errno}", flush=True)
@@ -98,9 +99,9 @@ class Holder:
     def lock_more(self, start: int, length: int) -> None:
         self._tell(f"lock {start} {length}")
 
-    def write(self, offset: int, text: str) -> None:
+    def write(self, offset: int, text: str, *, fsync: bool = True) -> None:
         """Write `text` (no spaces) at `offset` through the locked descriptor, and fsync."""
-        self._tell(f"write {offset} {text}")
+        self._tell(f"{'write' if fsync else 'put'} {offset} {text}")
 
     def _tell(self, line: str) -> None:
         assert self.proc.stdin is not None
@@ -235,12 +236,15 @@ def test_a_mount_stopped_past_its_lease_cannot_write_under_the_lost_lock(
     """A's mount is stopped (SIGSTOP) with a lock held: past its lease the lock is B's, and B
     changes the file. Woken, A's process believes it still holds the lock; its writes through
     the descriptor it locked fail with EIO (as NFS's under a lost lock) and B's bytes stay.
-    Once A has closed the file, a new open writes again."""
+    What A wrote under the lock and had not flushed is dropped. Once A has closed the file, a
+    new open writes again."""
     cluster = make_cluster(tracker_args=["--lock-lease-s", "2"])
     a, b, name = two_mounts(cluster, mount, "f")
     holders.append(holder := Holder(a.path / name, "fcntl", "ex", 0, 0))
     assert holder.answer() == "locked"
     holder.write(0, "under-A's-lock")
+    assert holder.answer() == "wrote"
+    holder.write(200, "unflushed", fsync=False)  # in A's buffers (and the kernel's pages)
     assert holder.answer() == "wrote"
 
     os.kill(a.pid, signal.SIGSTOP)
@@ -257,7 +261,11 @@ def test_a_mount_stopped_past_its_lease_cannot_write_under_the_lost_lock(
     holder.write(100, "again")  # for good, not once
     assert holder.answer() == f"error {errno.EIO}"
     other.release()
-    assert (b.path / name).read_bytes() == b"B-took-the-lock" + b"x" * (4096 - 15)
+    b_bytes = b"B-took-the-lock" + b"x" * (4096 - 15)
+    assert (b.path / name).read_bytes() == b_bytes
+    # A reads B's bytes, not its own refused ones (nor from the kernel's pages), and a
+    # reader's close there succeeds.
+    assert (a.path / name).read_bytes() == b_bytes
     assert "writes refused until the file is closed" in a.logs()
 
     # Closed, and opened again: A writes knowing (the last close reaches the mount a moment

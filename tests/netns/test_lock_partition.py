@@ -78,7 +78,8 @@ def two_hosts(root: Path, lease_s: float) -> Iterator[TwoHosts]:
 
 def test_a_mount_partitioned_longer_than_its_lease_loses_its_locks(tmp_path: Path) -> None:
     """Cut off past its lease, A's lock goes to B's waiter; healed, A is told (LocksLost),
-    forgets the lock, and works on: it reads, writes and locks again."""
+    forgets the lock, refuses writes under it (EIO), and works on: it reads, writes other
+    files and locks again."""
     lease_s = 3.0
     with two_hosts(tmp_path, lease_s) as hosts:
         lab, a, b = hosts.cluster.lab, hosts.a, hosts.b
@@ -101,6 +102,10 @@ def test_a_mount_partitioned_longer_than_its_lease_loses_its_locks(tmp_path: Pat
         wait_until(lambda: LOST in a.log.read_text(errors="replace"), TOLD_TIMEOUT_S,
                    "A's mount to be told its locks were released")  # fmt: skip
         print(f"A told its locks were lost {time.monotonic() - healed:.1f} s after the heal")
+
+        # A's holder, still believing it holds the lock, cannot write under it.
+        hosts.holders[0].write(0, "stale")
+        assert hosts.holders[0].answer() == f"error {errno.EIO}"
 
         # A works on: reads, writes that B sees, and locks again once B lets go.
         assert (a.path / NAME).read_bytes() == DATA
