@@ -45,7 +45,7 @@ from cluster.errors import (
     Unavailable,
     collapse,
 )
-from cluster.locks import LockRange
+from cluster.locks import LockRange, OpenMark
 from cluster.protocol import PAYLOADS, SLOWEST_TRANSFER_BYTES_PER_S
 from cluster.rpc import ConnectionPool
 from cluster.trackers import Trackers, roles
@@ -271,7 +271,9 @@ class Client:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
+        opened: OpenMark | None = None,
     ) -> Attr:
+        """Change what is not None; `opened`: the open a size change is made through."""
         return await self._attr(
             m.SetAttr(
                 ino=ino,
@@ -283,14 +285,21 @@ class Client:
                 mtime_ns=mtime_ns,
                 ctime_ns=ctime_ns,
                 session=self.session,
+                opened=_wire_mark(opened),
             )
         )
 
-    async def punch_chunks(self, ino: int, first_index: int, end_index: int) -> Attr:
+    async def punch_chunks(
+        self, ino: int, first_index: int, end_index: int, opened: OpenMark | None = None
+    ) -> Attr:
         """Chunks `first_index` to `end_index - 1` become holes (messages.PunchChunks)."""
         return await self._attr(
             m.PunchChunks(
-                ino=ino, first_index=first_index, end_index=end_index, session=self.session
+                ino=ino,
+                first_index=first_index,
+                end_index=end_index,
+                session=self.session,
+                opened=_wire_mark(opened),
             )
         )
 
@@ -330,11 +339,12 @@ class Client:
 
     async def create(
         self, parent: int, name: bytes, mode: int, uid: int = 0, gid: int = 0
-    ) -> tuple[Attr, int, Placement | None]:
+    ) -> tuple[Attr, int, Placement | None, OpenMark | None]:
         """Create a regular file and open it for this session in one trip (as `mknod` and
-        `open_file`); returns its attributes, its chunk size and a placement for its chunk 0
-        (for `write_chunk`; None if no keeper could take it). Release it with `release_files`,
-        naming the placement as unused if nothing was written with it."""
+        `open_file`); returns its attributes, its chunk size, a placement for its chunk 0
+        (for `write_chunk`; None if no keeper could take it) and the open's mark (for the
+        writes through it: `commit`). Release it with `release_files`, naming the placement as
+        unused if nothing was written with it."""
         reply = await self._tracker(
             m.MakeNode(
                 parent=parent,
@@ -348,7 +358,7 @@ class Client:
         )
         self._note_parent(reply.parent_attr)
         first = Placement.from_wire(reply.first_chunk) if reply.first_chunk else None
-        return Attr.from_wire(reply.attr), reply.chunk_size_bytes, first
+        return Attr.from_wire(reply.attr), reply.chunk_size_bytes, first, _open_mark(reply)
 
     async def symlink(
         self, parent: int, name: bytes, target: bytes, uid: int = 0, gid: int = 0
@@ -393,13 +403,19 @@ class Client:
         Holds are counted per client session: every `open_file` needs one `release_file`."""
         return (await self.open_file_and_chunks(ino))[0]
 
-    async def open_file_and_chunks(self, ino: int) -> tuple[Attr, FileChunks | None]:
-        """`open_file`, and the file's chunk list when it is small enough to come with it."""
+    async def open_file_and_chunks(
+        self, ino: int
+    ) -> tuple[Attr, FileChunks | None, OpenMark | None]:
+        """`open_file`, the file's chunk list when it is small enough to come with it, and the
+        open's mark, for the writes made through it to carry (`commit`, `setattr`,
+        `punch_chunks`): the tracker refuses them if this session's locks on the file were
+        lost to an expired lease after the open (LockFenced)."""
         reply = await self._tracker(m.OpenFile(ino=ino, session=self.session), m.AttrReply)
         attr = Attr.from_wire(reply.attr)
         if reply.chunks is None:
-            return attr, None
-        return attr, FileChunks(attr.size, reply.chunk_size_bytes, _chunk_map(reply.chunks))
+            return attr, None, _open_mark(reply)
+        chunks = FileChunks(attr.size, reply.chunk_size_bytes, _chunk_map(reply.chunks))
+        return attr, chunks, _open_mark(reply)
 
     async def release_file(self, ino: int) -> None:
         await self.release_files([ino])
@@ -876,10 +892,14 @@ class Client:
         mtime_ns: int | None = None,
         *,
         sync: bool = True,
+        opened: OpenMark | None = None,
     ) -> Attr:
         """Publish written chunk versions and the file size atomically; with `sync`, return
-        once the commit is on the tracker's disk (else once it is committed)."""
-        attr, _ = await self.commit_with_spares(ino, size_bytes, chunks, mtime_ns, sync=sync)
+        once the commit is on the tracker's disk (else once it is committed). `opened`: the
+        open the chunks were written through (`open_file_and_chunks`), if any."""
+        attr, _ = await self.commit_with_spares(
+            ino, size_bytes, chunks, mtime_ns, sync=sync, opened=opened
+        )
         return attr
 
     async def commit_with_spares(
@@ -891,6 +911,7 @@ class Client:
         *,
         sync: bool = True,
         spares: bool = False,
+        opened: OpenMark | None = None,
     ) -> tuple[Attr, dict[int, Placement]]:
         """`commit`; with `spares`, also a next version of each chunk committed, by index,
         allocated on its holders: `write_patch` takes it and needs no AllocateChunk. Give
@@ -904,6 +925,7 @@ class Client:
                 sync=sync,
                 spares=spares,
                 session=self.session,
+                opened=_wire_mark(opened),
             ),
             m.AttrReply,
         )
@@ -1100,6 +1122,14 @@ class _Slot:
     def __init__(self) -> None:
         self.data: bytes | bytearray = b""
         self.done = trio.Event()
+
+
+def _open_mark(reply: m.AttrReply) -> OpenMark | None:
+    return None if reply.opened is None else (str(reply.opened[0]), int(reply.opened[1]))
+
+
+def _wire_mark(mark: OpenMark | None) -> list[Any] | None:
+    return None if mark is None else list(mark)
 
 
 def _chunk_map(records: list[list[Any]]) -> dict[int, ChunkInfo]:

@@ -81,6 +81,13 @@ def check_range(lock_type: int, start: int, end: int) -> None:
         raise InvalidArgument(f"lock range {start}..{end} is empty or out of range")
 
 
+# (lock table id, fences made in it so far): see LockTable.open_mark.
+OpenMark = tuple[str, int]
+# Fences kept at most (a few dozen bytes each): the oldest go first. Only a session that lost
+# locks on that many files, and still writes through opens made before, would miss one.
+MAX_FENCES = 100_000
+
+
 class LockTable:
     """Every lock of the cluster, the waits for them, and the sessions' leases."""
 
@@ -103,9 +110,11 @@ class LockTable:
         self._inodes_of: dict[str, set[int]] = {}
         # Sessions whose lease ended while they held locks, until they are told.
         self._lost: set[str] = set()
-        # (session, inode) of locks released by an expired lease: the session's writes to
-        # the inode are refused until it closes the file (the tracker asks `fenced`).
-        self._fenced: set[tuple[str, int]] = set()
+        # (session, inode) of locks released by an expired lease -> the fence's number: the
+        # session's writes there through opens made before it are refused (`fenced`). Opens
+        # are marked with the number reached (`open_mark`). Oldest forgotten past MAX_FENCES.
+        self._fenced: dict[tuple[str, int], int] = {}
+        self._fences = 0
         # Reclaims only until then (trio clock; None: not started); new locks wait for it.
         self._grace_ends: float | None = None if grace else 0.0
         self._grace_over = trio.Event()
@@ -195,22 +204,36 @@ class LockTable:
                 locks = table.get(ino, [])
                 kept = [lock for lock in locks if lock.owner[0] != session]
                 if fence and len(kept) < len(locks):
-                    self._fenced.add((session, ino))
+                    self._fence(session, ino)
                 count += len(locks) - len(kept)
                 self._store(table, ino, kept)
             self._wake(ino)
         return count
 
-    def fenced(self, session: str, ino: int) -> bool:
-        """Whether `session` lost locks on `ino` to an expired lease: another host may have
-        taken them and changed the file since, so what the session writes there now was
-        written believing it held them, and must not land. Lasts until `unfence`."""
-        return (session, ino) in self._fenced
+    def _fence(self, session: str, ino: int) -> None:
+        self._fences += 1
+        self._fenced.pop((session, ino), None)  # the newest last, for MAX_FENCES
+        self._fenced[(session, ino)] = self._fences
+        while len(self._fenced) > MAX_FENCES:
+            del self._fenced[next(iter(self._fenced))]
 
-    def unfence(self, session: str, ino: int) -> None:
-        """`session` no longer has `ino` open: whatever it writes after opening it again was
-        written knowing the locks were gone."""
-        self._fenced.discard((session, ino))
+    def open_mark(self) -> OpenMark:
+        """What an open made now is marked with (and its writes carry): later fences of this
+        table refuse them, earlier ones do not."""
+        return (self.id, self._fences)
+
+    def fenced(self, session: str, ino: int, opened: OpenMark | None) -> bool:
+        """Whether a write of `session` to `ino` through an open marked `opened` must be
+        refused: the session lost locks there to an expired lease after that open, so another
+        host may have taken them and changed the file since, and what it writes now was
+        written believing it held them. An open made after the fence (the file closed and
+        opened again) was made knowing; so was a write with no open (`opened` None). An open
+        marked by another table (before a restart or takeover) came before any fence here."""
+        fence = self._fenced.get((session, ino))
+        if fence is None or opened is None:
+            return False
+        table, number = opened
+        return table != self.id or number < fence
 
     # --- queries and changes --------------------------------------------------------------
 

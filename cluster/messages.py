@@ -314,9 +314,11 @@ class SetAttr(Message):
     atime_ns: int | None = None
     mtime_ns: int | None = None
     ctime_ns: int | None = None
-    # The client's session: a size change is a write, refused where the session's locks were
-    # lost to an expired lease (errors.LockFenced).
+    # The client's session, and the mark of the open it writes through (AttrReply.opened): a
+    # size change is a write, refused where the session's locks were lost to an expired lease
+    # after that open (errors.LockFenced).
     session: str = ""
+    opened: list[Any] | None = None
 
 
 @message
@@ -565,6 +567,9 @@ class AttrReply(Message):
     # For an OpenFile of a file of at most a few chunks: its chunk records (as in ChunksReply),
     # so that reading a small file takes no GetChunks.
     chunks: list[list[Any]] | None = None
+    # For an OpenFile (or a MakeNode that opens): [lock table id, fences so far], for the
+    # writes through this open to carry (cluster/locks.py, LockTable.open_mark).
+    opened: list[Any] | None = None
     # For a CommitChunks with `spares`: per committed chunk, a next version allocated at once
     # on the keepers that hold it, [index, chunk_id, version, [keeper addrs]], so that the
     # next synced write of that chunk (a log, a database page) patches it with no AllocateChunk.
@@ -743,8 +748,9 @@ class CommitChunks(Message):
     sync: bool = True
     # Allocate a next version of each chunk committed (AttrReply.spares).
     spares: bool = False
-    # The writer's session: refused where its locks were lost to an expired lease (LockFenced).
+    # The writer's session and its open's mark: as SetAttr's.
     session: str = ""
+    opened: list[Any] | None = None
 
 
 @message
@@ -758,7 +764,8 @@ class PunchChunks(Message):
     ino: int
     first_index: int
     end_index: int
-    session: str = ""  # as CommitChunks.session
+    session: str = ""  # and `opened`: as SetAttr's
+    opened: list[Any] | None = None
 
 
 @message

@@ -49,15 +49,17 @@ Concurrency protocol (trio tasks interleave only at `await`s):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import Callable
-from typing import NoReturn
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
 
 import trio
 
 from cluster.client import Attr, ChunkInfo, Client, FileChunks, Placement
 from cluster.errors import DfsError, LockFenced, Unavailable
+from cluster.locks import OpenMark
 from dfsmount import patches
 from dfsmount.buffers import ChunkBuffer, DirtyBudget
 from dfsmount.chunkcache import ChunkCache
@@ -129,7 +131,11 @@ class FileState:
         # Set when this mount's locks on the file were lost (`fence`): writes fail with it
         # until the last close drops this state.
         self.fenced: LockFenced | None = None
+        # The mark of the open that made this state, carried by its writes (the tracker
+        # refuses them once this mount's locks on the file were lost after that open).
+        self.opened: OpenMark | None = None
         self._loss_unreported = False  # writes were dropped by the fence; nobody told yet
+        self._map_stale = False  # `remote` and `size` must come from the tracker again
         self.lock = trio.Lock()
         self._map_lock = trio.Lock()
 
@@ -177,11 +183,13 @@ class FileState:
             self.size = chunks.size
 
     async def ensure_map(self) -> None:
-        """Load the committed chunk map (and the file's chunk size) if not loaded."""
-        if self.remote is not None:
+        """Load the committed chunk map (and the file's chunk size) if not loaded, or again
+        if writes made here were dropped (a fence: the size and map must be the tracker's)."""
+        if self.remote is not None and not self._map_stale:
             return
         async with self._map_lock:
-            if self.remote is None:
+            if self.remote is None or self._map_stale:
+                self._map_stale = False
                 await self._load_map()
 
     async def _load_map(self) -> None:
@@ -204,8 +212,7 @@ class FileState:
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         self._raise_error()
-        if self.fenced is not None:
-            self._refuse(self.fenced)
+        self._check_fence()
         if not data:
             return
         await self.ensure_map()
@@ -266,9 +273,17 @@ class FileState:
                 self._stored(info, upload.sync)
                 return
             if base is not None and not buf.covers(0, min(base.length, self.chunk_size)):
-                stored = await self.cache.chunks.get(base)
+                try:
+                    stored = await self.cache.chunks.get(base)
+                except Unavailable:
+                    # As for a read: the tracker may know other copies, or (just restarted)
+                    # none yet. The base may also be a newer version by then, or a hole.
+                    if not await self._relocated(buf.index):
+                        raise
+                    base = self.latest(buf.index)
+                    stored = await self.cache.chunks.get(base) if base is not None else b""
                 before = len(buf.data)
-                buf.merge_base(memoryview(stored)[: base.length])
+                buf.merge_base(memoryview(stored)[: len(stored) if base is None else base.length])
                 extra = len(buf.data) - before
                 self.cache.budget.charge(extra)
             placement = None
@@ -298,6 +313,10 @@ class FileState:
             upload.done.set()
 
     def _stored(self, info: ChunkInfo, synced: bool) -> None:
+        if self.fenced is not None:
+            # Uploading when the locks were lost: never to be committed (see `fence`).
+            self.cache.nursery.start_soon(self.cache.abandon, [info])
+            return
         self.pending[info.index] = info
         if synced:
             self.unsynced.pop(info.index, None)  # a newer version, on the disk
@@ -376,7 +395,7 @@ class FileState:
             self._loss_unreported = True
             self.cache.discard(self)
             self.committed_writes = self.writes
-            self.remote = None
+            self._map_stale = True  # a read in progress goes on with the old map
 
     async def _flush_fenced(self) -> bool:
         """A flush of a fenced file: nothing lands; raises if writes were dropped unreported."""
@@ -387,6 +406,24 @@ class FileState:
         if self._loss_unreported:
             self._refuse(self.fenced)
         return False
+
+    def _check_fence(self) -> None:
+        if self.fenced is not None:
+            self._refuse(self.fenced)
+
+    async def _fenced_change(
+        self, call: Callable[..., Awaitable[Attr]], *args: Any, **kwargs: Any
+    ) -> Attr:
+        """(lock held) A truncate or punch on the tracker, unless the file is fenced: checked
+        after the flush before it too, and a fence the tracker answers with stays."""
+        self._check_fence()
+        await self.cache.before_change(self.ino)
+        self._check_fence()
+        try:
+            return await call(*args, **kwargs)
+        except LockFenced as exc:
+            self.fence(exc)
+            self._refuse(exc)
 
     def _refuse(self, fenced: LockFenced) -> NoReturn:
         """Fail a write (or the flush that tells of dropped writes) of a fenced file."""
@@ -445,6 +482,7 @@ class FileState:
         for upload in list(self.uploading.values()):
             await upload.done.wait()
         self._raise_error()
+        await self.cache.before_change(self.ino)
         if self.fenced is not None:  # the locks were lost while the chunks were uploading
             return await self._flush_fenced()
         chunks = sorted(self.pending.values(), key=lambda c: c.index)
@@ -455,7 +493,7 @@ class FileState:
         # version of each chunk, so that the next one patches it with no allocation trip.
         try:
             attr, spares = await self.cache.client.commit_with_spares(
-                self.ino, size, chunks, self.mtime_ns, sync=sync, spares=sync
+                self.ino, size, chunks, self.mtime_ns, sync=sync, spares=sync, opened=self.opened
             )
         except LockFenced as exc:
             self.fence(exc)  # the tracker knew before us: for good, not just this commit
@@ -497,8 +535,7 @@ class FileState:
         tracker's new attributes if chunks were punched."""
         if end <= start:
             return None
-        if self.fenced is not None:
-            self._refuse(self.fenced)
+        self._check_fence()
         await self.ensure_map()
         chunk_size = self.chunk_size
         first_whole, end_whole = -(-start // chunk_size), end // chunk_size
@@ -509,7 +546,9 @@ class FileState:
         await self._write_zeros(end_whole * chunk_size, end)
         async with self.lock:
             await self._flush_before_change()
-            attr = await self.cache.client.punch_chunks(self.ino, first_whole, end_whole)
+            attr = await self._fenced_change(
+                self.cache.client.punch_chunks, self.ino, first_whole, end_whole, self.opened
+            )
             if self.remote is not None:
                 for index in range(first_whole, end_whole):
                     self.remote.pop(index, None)
@@ -527,11 +566,16 @@ class FileState:
         """A tracker setattr that must not be overtaken by a later commit (size, times):
         flush first, then apply it, then adjust the local view."""
         async with self.lock:
-            if self.fenced is not None and fields.get("size_bytes") is not None:
-                self._refuse(self.fenced)
-            await self._flush_before_change()
-            attr = await self.cache.client.setattr(self.ino, **fields)
             size = fields.get("size_bytes")
+            if size is not None:
+                self._check_fence()
+            await self._flush_before_change()
+            change = functools.partial(self.cache.client.setattr, self.ino, opened=self.opened)
+            changes: dict[str, Any] = dict(fields)
+            if size is None:
+                attr = await change(**changes)  # times: no write to fence
+            else:
+                attr = await self._fenced_change(change, **changes)
             if size is not None:
                 self._truncated(size)
             if not self.has_local_changes:
@@ -588,21 +632,28 @@ class FileState:
         try:
             return await self._read_piece_once(index, start, end)
         except Unavailable:
-            # The map may name keepers that died since; the tracker may know better ones. If
-            # it names none, the tracker has just restarted (or taken over) and its keepers
-            # have not reported yet: they do within seconds, so wait for them, bounded.
-            before = self.latest(index)
-            deadline = trio.current_time() + self.cache.client.io_timeout_s
-            while True:
-                async with self._map_lock:
-                    await self._load_map()
-                info = self.latest(index)
-                if info != before and (info is None or info.keepers):
-                    log.info("inode %d: chunk %d moved, reading it again", self.ino, index)
-                    return await self._read_piece_once(index, start, end)
-                if (info is not None and info.keepers) or trio.current_time() >= deadline:
-                    raise
-                await trio.sleep(NO_COPY_RETRY_S)
+            if not await self._relocated(index):
+                raise
+            return await self._read_piece_once(index, start, end)
+
+    async def _relocated(self, index: int) -> bool:
+        """After no copy of chunk `index` could be read: whether the tracker now names other
+        copies (or another version, or a hole) to read instead. The map may name keepers that
+        died since, and the tracker may know better ones. If it names none, the tracker has
+        just restarted (or taken over) and its keepers have not reported yet: they do within
+        seconds, so this waits for them, bounded by io_timeout_s."""
+        before = self.latest(index)
+        deadline = trio.current_time() + self.cache.client.io_timeout_s
+        while True:
+            async with self._map_lock:
+                await self._load_map()
+            info = self.latest(index)
+            if info != before and (info is None or info.keepers):
+                log.info("inode %d: chunk %d moved, reading it again", self.ino, index)
+                return True
+            if (info is not None and info.keepers) or trio.current_time() >= deadline:
+                return False
+            await trio.sleep(NO_COPY_RETRY_S)
 
     async def _read_piece_once(self, index: int, start: int, end: int) -> Readable:
         buf = self.dirty.get(index)
@@ -636,6 +687,10 @@ class FileState:
             out[: stop - start] = memoryview(stored)[start:stop]
 
 
+async def _nothing_to_confirm(ino: int) -> None:
+    pass
+
+
 class DataCache:
     """Mount-wide data state: the FileStates, the dirty budget, the read cache."""
 
@@ -654,13 +709,19 @@ class DataCache:
         self.on_commit: Callable[[Attr], object] = lambda attr: None
         # Told the inode whose uncommitted writes were dropped (the kernel's pages hold them).
         self.on_discard: Callable[[int], object] = lambda ino: None
+        # Awaited before a commit, truncate or punch of an inode: the mount's locks make sure
+        # they are still held there if the lease could have run out (MountLocks.confirm).
+        self.before_change: Callable[[int], Awaitable[None]] = _nothing_to_confirm
         # Dirty buffers, oldest first: what `relieve_pressure` uploads.
         self._order: dict[tuple[int, int], tuple[FileState, ChunkBuffer]] = {}
 
-    def open_state(self, attr: Attr) -> FileState:
+    def open_state(self, attr: Attr, opened: OpenMark | None = None) -> FileState:
+        """The state of `attr`'s inode, made on its first open (`opened`: that open's mark:
+        a state lives until the last close, so its writes go through the oldest open)."""
         state = self.files.get(attr.ino)
         if state is None:
             state = self.files[attr.ino] = FileState(self, attr)
+            state.opened = opened
             left = self.unsynced_after_close.pop(attr.ino, None)
             if left is not None:
                 state.unsynced, state.sync_known = left, True
@@ -707,10 +768,11 @@ class DataCache:
         if state.pending:
             # Stored but never to be committed: free the keepers' space now, not after the
             # tracker's garbage grace period.
-            self.nursery.start_soon(self._abandon, list(state.pending.values()))
+            self.nursery.start_soon(self.abandon, list(state.pending.values()))
             state.pending.clear()
 
-    async def _abandon(self, chunks: list[ChunkInfo]) -> None:
+    async def abandon(self, chunks: list[ChunkInfo]) -> None:
+        """Give back stored versions that will never be committed (best effort)."""
         try:
             await self.client.abandon(chunks)
         except DfsError as exc:

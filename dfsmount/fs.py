@@ -29,6 +29,7 @@ import trio
 from cluster import trace
 from cluster.client import Attr, Client, DirEntry
 from cluster.errors import DfsError, Exists, NoData, NotFound
+from cluster.locks import OpenMark
 from cluster.xattrs import check_name as check_xattr_name
 from dfsmount.cache import DataCache, FileState
 from dfsmount.handles import HandleTable, OpenDir
@@ -130,6 +131,7 @@ class Operations(pyfuse3.Operations):
         nursery.start_soon(self.releases.run, name="releases")
         self.locks = MountLocks(client)
         self.locks.on_lost = lambda inos, exc: self.data.fence(inos, str(exc))
+        self.data.before_change = self.locks.confirm
         nursery.start_soon(self.locks.keep_lease, name="lock lease")
         # Set once the kernel's INIT request is answered: the kernel applies its settings for
         # the mount (read-ahead among them) when it gets that answer.
@@ -207,7 +209,7 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         log.debug("setattr %d", inode)
-        changes: dict[str, int | None] = {}
+        changes: dict[str, Any] = {}
         if fields.update_mode:
             changes["mode"] = attr.st_mode  # type bits included; the tracker keeps its own
         if fields.update_uid:
@@ -423,7 +425,12 @@ class Operations(pyfuse3.Operations):
     # --- files ----------------------------------------------------------------------------
 
     async def _open(
-        self, ino: int, flags: int, attr: Attr | None, created_chunk_size: int = 0
+        self,
+        ino: int,
+        flags: int,
+        attr: Attr | None,
+        created_chunk_size: int = 0,
+        created_mark: OpenMark | None = None,
     ) -> tuple[FileState, int, bool]:
         """Open `ino` on the tracker (fresh attrs: close-to-open) and add a handle.
 
@@ -434,20 +441,20 @@ class Operations(pyfuse3.Operations):
         async with self.handles.inode_lock(ino):
             chunks = None
             if created_chunk_size and attr is not None:
-                fresh = attr  # created and opened on the tracker in one trip
+                fresh, mark = attr, created_mark  # created and opened on the tracker in one trip
             else:
-                fresh, chunks = await self.client.open_file_and_chunks(ino)
+                fresh, chunks, mark = await self.client.open_file_and_chunks(ino)
             self.attrs.put(fresh)  # close-to-open: later getattrs must not see older attrs
             try:
                 if not self.handles.is_open(ino):
                     keep = attr is not None or self.inodes.page_cache_valid(fresh)
-                    state = self.data.open_state(fresh)
+                    state = self.data.open_state(fresh, mark)
                     if created_chunk_size and state.remote is None:
                         state.chunk_size = created_chunk_size
                         state.remote = {}
                         state.sync_known = True  # new: nothing of it is unsynced yet
                 else:
-                    state = self.data.open_state(fresh)
+                    state = self.data.open_state(fresh, mark)
                     keep = not state.adopt(fresh)
                 if chunks is not None:
                     state.offer_map(chunks)
@@ -500,7 +507,7 @@ class Operations(pyfuse3.Operations):
         # One tracker trip creates and opens the file, tells its chunk size and places its
         # chunk 0: a small file needs no other request before its data is stored.
         try:
-            attr, chunk_size, first_chunk = await self.client.create(
+            attr, chunk_size, first_chunk, opened = await self.client.create(
                 parent_inode, name, mode, ctx.uid, ctx.gid
             )
         except Exists:
@@ -512,7 +519,9 @@ class Operations(pyfuse3.Operations):
             self.dirs.clear()
             raise pyfuse3.FUSEError(errno.ESTALE) from None
         self.dirs.added(parent_inode, name, attr)
-        state, fh, _ = await self._open(attr.ino, flags, attr, created_chunk_size=chunk_size)
+        state, fh, _ = await self._open(
+            attr.ino, flags, attr, created_chunk_size=chunk_size, created_mark=opened
+        )
         state.first_chunk, state.first_chunk_at = first_chunk, trio.current_time()
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), self._reply(
             attr, lookup=True

@@ -358,7 +358,7 @@ class Tracker:
 
     async def set_attr(self, msg: m.SetAttr, peer: str) -> m.Message:
         if msg.size_bytes is not None:
-            self._check_not_fenced(msg.session, msg.ino)
+            self._check_not_fenced(msg.session, msg.ino, msg.opened)
         inode, removal = self.namespace.setattr(
             msg.ino,
             mode=msg.mode,
@@ -401,6 +401,7 @@ class Tracker:
             chunk_size_bytes=inode.chunk_size or self.chunk_size,
             parent_attr=parent_attr,
             first_chunk=first_chunk,
+            opened=list(self.locks.open_mark()),
         )
 
     async def symlink(self, msg: m.Symlink, peer: str) -> m.Message:
@@ -439,7 +440,12 @@ class Tracker:
         if stat.S_ISREG(inode.mode) and inode.size <= OPEN_WITH_CHUNKS * chunk_bytes:
             rows = self.store.get_chunks(inode.ino, 0, OPEN_WITH_CHUNKS)
             chunks = [self._chunk_record(r) for r in rows]
-        return m.AttrReply(attr=inode.as_list(), chunk_size_bytes=chunk_bytes, chunks=chunks)
+        return m.AttrReply(
+            attr=inode.as_list(),
+            chunk_size_bytes=chunk_bytes,
+            chunks=chunks,
+            opened=list(self.locks.open_mark()),
+        )
 
     # --- locks (locks.py) -------------------------------------------------------------------
 
@@ -481,18 +487,15 @@ class Tracker:
             lease = self.lock_lease_s
             raise LocksLost(f"the session was silent for longer than its {lease} s lease")
 
-    def _check_not_fenced(self, session: str, ino: int) -> None:
-        """Refuse a write of `session` to `ino` where its locks were released by an expired
-        lease, until it has closed the file (an open made since knows they are gone)."""
-        if not self.locks.fenced(session, ino):
-            return
-        if session not in self.namespace.open_by.get(ino, {}):
-            self.locks.unfence(session, ino)
-            return
-        raise LockFenced(
-            f"inode {ino}: this mount's locks on it were released while it was silent for "
-            f"longer than its {self.lock_lease_s} s lease; close the file and open it again"
-        )
+    def _check_not_fenced(self, session: str, ino: int, opened: list[Any] | None) -> None:
+        """Refuse a write of `session` to `ino` through an open made before its locks there
+        were released by an expired lease (LockTable.fenced)."""
+        mark = None if opened is None else (str(opened[0]), int(opened[1]))
+        if self.locks.fenced(session, ino, mark):
+            raise LockFenced(
+                f"inode {ino}: this mount's locks on it were released while it was silent for "
+                f"longer than its {self.lock_lease_s} s lease; close the file and open it again"
+            )
 
     async def _after_grace(self) -> None:
         """New locks wait for the grace period; past MAX_LOCK_HOLD_S the mount asks again."""
@@ -579,8 +582,6 @@ class Tracker:
             raise InvalidArgument("malformed unused allocation")
         for ino in msg.inos:
             self._removed(self.namespace.release(ino, msg.session))
-            if msg.session not in self.namespace.open_by.get(ino, {}):
-                self.locks.unfence(msg.session, ino)
         if msg.unused:
             # Nothing was written under these: dropping the rows is all there is to free.
             with self.store.transaction():
@@ -717,7 +718,7 @@ class Tracker:
         )
 
     async def commit_chunks(self, msg: m.CommitChunks, peer: str) -> m.Message:
-        self._check_not_fenced(msg.session, msg.ino)
+        self._check_not_fenced(msg.session, msg.ino, msg.opened)
         replaced: list[ChunkRow] = []
         with self.store.transaction():
             inode = self.namespace.inode(msg.ino)
@@ -766,7 +767,7 @@ class Tracker:
         return spares
 
     async def punch_chunks(self, msg: m.PunchChunks, peer: str) -> m.Message:
-        self._check_not_fenced(msg.session, msg.ino)
+        self._check_not_fenced(msg.session, msg.ino, msg.opened)
         inode, removal = self.namespace.punch(msg.ino, msg.first_index, msg.end_index)
         self._removed(removal)
         return m.AttrReply(attr=inode.as_list())

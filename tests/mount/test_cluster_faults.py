@@ -269,17 +269,28 @@ def test_a_read_waiting_on_a_restarting_tracker_waits_for_the_keepers(
     """A tracker that has just restarted knows where no chunk is until the keepers
     re-register (each retries every RETRY_MAX_S = 2 s at most, plus its heartbeat): a read
     that reaches it first must wait for them, bounded, as a write's allocation does, and not
-    fail at once with EIO."""
+    fail at once with EIO; so must a small write that needs the rest of its chunk."""
     cluster, m, data = _tracker_restart_cluster(make_cluster, mount, tmp_path)
+
+    def overwrite() -> bytes:
+        """A small write into a stored chunk: it is stored with the rest of that chunk's
+        bytes, which must be read first (from copies the new tracker does not know yet)."""
+        with open(m.path / "s" / "file", "r+b") as f:
+            f.seek(100)
+            f.write(b"overwritten")
+        return (m.path / "s" / "file").read_bytes()
+
     calls: dict[str, Callable[[], object]] = {
         "cat": lambda: (m.path / "c" / "file").read_bytes(),
         "create": lambda: (m.path / "w" / "new").write_bytes(data),
+        "overwrite": overwrite,
     }
     # The keepers come back 3 s after the tracker: the mount's calls (retrying every second
     # at most) reach the new tracker before them.
     keepers = [k.pid for k in cluster.keepers]
     results = _across_a_tracker_restart(cluster, calls, keepers, lambda: time.sleep(3.0))
-    _check(results, {"cat": data, "create": len(data)})
+    overwritten = data[:100] + b"overwritten" + data[111:]
+    _check(results, {"cat": data, "create": len(data), "overwrite": overwritten})
 
 
 def test_tls_round_trip_through_the_mount(

@@ -230,14 +230,16 @@ def test_a_killed_waiter_dies_and_a_killed_mounts_locks_are_released(
     print(f"lock of a killed mount released after {time.monotonic() - started:.1f} s")
 
 
+@pytest.mark.parametrize("tracker_restarts", [False, True], ids=["same-tracker", "restarted"])
 def test_a_mount_stopped_past_its_lease_cannot_write_under_the_lost_lock(
-    make_cluster: MakeCluster, mount: MountFactory, holders: list[Holder]
+    make_cluster: MakeCluster, mount: MountFactory, holders: list[Holder], tracker_restarts: bool
 ) -> None:
     """A's mount is stopped (SIGSTOP) with a lock held: past its lease the lock is B's, and B
     changes the file. Woken, A's process believes it still holds the lock; its writes through
     the descriptor it locked fail with EIO (as NFS's under a lost lock) and B's bytes stay.
     What A wrote under the lock and had not flushed is dropped. Once A has closed the file, a
-    new open writes again."""
+    new open writes again. With the tracker restarted meanwhile, the new one knows nothing of
+    A's lock (A could not reclaim it): A's mount alone must refuse."""
     cluster = make_cluster(tracker_args=["--lock-lease-s", "2"])
     a, b, name = two_mounts(cluster, mount, "f")
     holders.append(holder := Holder(a.path / name, "fcntl", "ex", 0, 0))
@@ -249,6 +251,9 @@ def test_a_mount_stopped_past_its_lease_cannot_write_under_the_lost_lock(
 
     os.kill(a.pid, signal.SIGSTOP)
     try:
+        if tracker_restarts:
+            assert cluster.tracker is not None
+            cluster.restart(cluster.tracker)
         holders.append(other := Holder(b.path / name, "fcntl", "ex", 0, 0, wait=True))
         assert other.answer() == "locked"  # once A's lease ran out
         other.write(0, "B-took-the-lock")

@@ -1,12 +1,13 @@
 """A session whose locks were released by an expired lease cannot write the files it had
-locked until it closes them (the tracker's fence: cluster/locks.py, LockTable.fenced).
+locked through the opens it made before (the tracker's fence: cluster/locks.py,
+LockTable.fenced).
 
 A mount that was silent (partitioned, stopped) past its lease may not know yet that another
 host took its lock and changed the file; whatever it writes now was written believing it held
 the lock. The tracker refuses it, whatever the mount knows: commits, truncates and punched
-holes answer LockFenced (EIO at the mount), as NFS answers writes under a lost lock. A new
-open, made after the file was closed, writes again. Here through the client library, which
-holds a lock without renewing its lease: a mount that has fallen silent.
+holes through an open made before the loss answer LockFenced (EIO at the mount), as NFS
+answers writes under a lost lock. An open made after it writes. Here through the client
+library, which holds a lock without renewing its lease: a mount that has fallen silent.
 """
 
 from __future__ import annotations
@@ -19,18 +20,22 @@ import trio
 
 from cluster.client import Client
 from cluster.errors import LockFenced
-from cluster.locks import LockRange
+from cluster.locks import LockRange, OpenMark
 from tests.cluster_procs import ProcCluster
 from tests.conftest import MakeCluster
 
 WHOLE_WRITE = LockRange(flock=False, type=fcntl.F_WRLCK, pid=1)
-LEASE_S = 1.0
+LEASE_S = 2.0
 
 
-async def _put(client: Client, ino: int, data: bytes) -> None:
-    """Write `data` as the whole file through `client`'s session, as a mount's flush does."""
+async def _put(client: Client, ino: int, data: bytes, opened: OpenMark | None) -> None:
+    """Write `data` as the whole file through `client`'s open `opened`, as a mount's flush."""
     info = await client.write_chunk(ino, 0, data)
-    await client.commit(ino, len(data), [info])
+    await client.commit(ino, len(data), [info], opened=opened)
+
+
+async def _open(client: Client, ino: int) -> OpenMark | None:
+    return (await client.open_file_and_chunks(ino))[2]
 
 
 async def _read(client: Client, path: str, scratch: Path) -> bytes:
@@ -40,7 +45,7 @@ async def _read(client: Client, path: str, scratch: Path) -> bytes:
 
 @pytest.fixture
 def cluster(make_cluster: MakeCluster) -> ProcCluster:
-    """Two keepers, and sessions whose locks go one second after their last renewal."""
+    """Two keepers, and sessions whose locks go two seconds after their last renewal."""
     return make_cluster(keepers=2, replication=2, tracker_args=["--lock-lease-s", str(LEASE_S)])
 
 
@@ -52,37 +57,44 @@ def test_writes_under_a_lock_lost_to_an_expired_lease_are_refused_until_reopened
     async def main() -> None:
         async with cluster.client() as silent, cluster.client() as other:
             ino = (await silent.create_file("/shared")).ino
-            await silent.open_file(ino)
-            await _put(silent, ino, b"before")
+            old_open = await _open(silent, ino)
+            assert old_open is not None
+            await _put(silent, ino, b"before", old_open)
             assert (await silent.set_lock(ino, 1, WHOLE_WRITE)).granted
-            await _put(silent, ino, b"under the lock")
+            await _put(silent, ino, b"under the lock", old_open)
+            # A second open of the silent session's stays open through what follows: what
+            # counts is when an open was made, not how many are open.
+            second_open = await _open(silent, ino)
 
             # `silent` renews nothing: past its lease, the lock is the other session's.
             with trio.fail_after(30):  # catches a hang
                 while not (await other.set_lock(ino, 2, WHOLE_WRITE, wait_s=1.0)).granted:
                     pass
-            await other.open_file(ino)
-            await _put(other, ino, b"the other host's")
-            await other.release_files([ino])
+            await _put(other, ino, b"the other host's", await _open(other, ino))
 
-            # Every write of the silent session to the file it had locked is refused.
+            # Every write of the silent session through an open made before is refused.
             with pytest.raises(LockFenced):
-                await _put(silent, ino, b"stale")
+                await _put(silent, ino, b"stale", old_open)
             with pytest.raises(LockFenced):
-                await silent.setattr(ino, size_bytes=0)
+                await _put(silent, ino, b"stale", second_open)
             with pytest.raises(LockFenced):
-                await silent.punch_chunks(ino, 0, 1)
+                await silent.setattr(ino, size_bytes=0, opened=old_open)
+            with pytest.raises(LockFenced):
+                await silent.punch_chunks(ino, 0, 1, old_open)
             assert await _read(other, "/shared", out) == b"the other host's"
             # Times, modes and other files are not writes under the lock.
-            await silent.setattr(ino, mode=0o600)
-            elsewhere = (await silent.create_file("/elsewhere")).ino
-            await _put(silent, elsewhere, b"fine")
+            await silent.setattr(ino, mode=0o600, opened=old_open)
+            elsewhere, _, _, elsewhere_open = await silent.create(1, b"elsewhere", 0o644)
+            await _put(silent, elsewhere.ino, b"fine", elsewhere_open)
 
-            # Closed (its opens given back) and opened again: it writes knowing.
-            await silent.release_files([ino])
-            await silent.open_file(ino)
-            await _put(silent, ino, b"after reopening")
+            # Opened again (the file closed, or not yet: its opens are still counted here),
+            # it writes knowing; the old opens stay refused.
+            new_open = await _open(silent, ino)
+            await _put(silent, ino, b"after reopening", new_open)
             assert await _read(other, "/shared", out) == b"after reopening"
+            await silent.release_files([ino])
+            with pytest.raises(LockFenced):
+                await _put(silent, ino, b"stale", old_open)
 
     trio.run(main)
 
@@ -95,11 +107,11 @@ def test_a_session_that_releases_its_lock_in_time_is_not_fenced(
     async def main() -> None:
         async with cluster.client() as client:
             ino = (await client.create_file("/f")).ino
-            await client.open_file(ino)
+            opened = await _open(client, ino)
             assert (await client.set_lock(ino, 1, WHOLE_WRITE)).granted
             await client.set_lock(ino, 1, WHOLE_WRITE.unlocked())
-            await trio.sleep(LEASE_S * 3)  # the lease runs out with nothing held
-            await _put(client, ino, b"written later")
+            await trio.sleep(LEASE_S + 2)  # the lease runs out with nothing held
+            await _put(client, ino, b"written later", opened)
             assert await _read(client, "/f", out) == b"written later"
 
     trio.run(main)

@@ -48,7 +48,7 @@ async def placements(cluster: ProcCluster, count: int, name: str) -> list[Placem
     found = []
     async with cluster.client() as client:
         for i in range(count):
-            _, _, first = await client.create(1, f"{name}{i}".encode(), 0o644)
+            _, _, first, _ = await client.create(1, f"{name}{i}".encode(), 0o644)
             assert first is not None, "no keeper to place a chunk on"
             found.append(first)
     return found
@@ -229,7 +229,7 @@ def test_sigtermed_keeper_finishes_a_chunk_it_is_receiving(
 
     async def put_across_the_sigterm() -> m.Message:
         async with cluster.client() as client:
-            _, _, first = await client.create(1, b"f", 0o644)
+            _, _, first, _ = await client.create(1, b"f", 0o644)
         assert first is not None
         credentials = Credentials.from_settings({"secret_file": str(cluster.secret_file)})
         conn = await Connection.open(victim.addr, "client", credentials)

@@ -8,6 +8,7 @@ import fcntl
 import pytest
 import trio
 
+from cluster import locks
 from cluster.errors import Deadlock, InvalidArgument
 from cluster.locks import LockTable
 from cluster.messages import LOCK_TO_END
@@ -132,6 +133,7 @@ async def test_an_expired_session_is_fenced_from_the_inodes_it_had_locked(
     table = LockTable(lease_s=3)
     for session in (A[0], B[0]):
         table.touch(session)
+    before = table.open_mark()  # an open made before anything is lost
     assert table.try_set(INO, False, A, W, 0, 99, 10) is None
     assert table.try_set(INO + 1, True, A, R, 0, LOCK_TO_END, 0) is None
     assert table.try_set(INO + 2, False, A, W, 0, 9, 10) is None
@@ -141,22 +143,43 @@ async def test_an_expired_session_is_fenced_from_the_inodes_it_had_locked(
     table.touch(B[0])
     await trio.sleep(2)
     assert table.expire() == [(A[0], 2)]
-    # Fenced: both kinds of lock, whatever else the table is told meanwhile (the session's
-    # lease running again, its being told that it lost them); not what it had released.
+    after = table.open_mark()  # the file closed and opened again
+    # Fenced: both kinds of lock, for opens made before, whatever else the table is told
+    # meanwhile (the session's lease running again, its being told that it lost them).
     table.touch(A[0])
     assert table.lost(A[0])
-    assert table.fenced(A[0], INO)
-    assert table.fenced(A[0], INO + 1)
-    assert not table.fenced(A[0], INO + 2)
-    assert not table.fenced(B[0], INO + 3)
-    assert not table.fenced(B[0], INO)
-    table.unfence(A[0], INO)  # it closed the file
-    assert not table.fenced(A[0], INO)
-    assert table.fenced(A[0], INO + 1)
+    assert table.fenced(A[0], INO, before)
+    assert table.fenced(A[0], INO + 1, before)
+    assert not table.fenced(A[0], INO, after)
+    assert not table.fenced(A[0], INO, None)  # no open: made knowing
+    # Not what it had released in time, nor another session's.
+    assert not table.fenced(A[0], INO + 2, before)
+    assert not table.fenced(B[0], INO + 3, before)
+    # An open of another table (before a restart or takeover) came before any fence here.
+    assert table.fenced(A[0], INO, (LockTable(3).id, after[1] + 5))
+    # A later fence refuses the opens made before it, the ones after the first included.
+    assert table.try_set(INO, False, A, W, 0, 9, 10) is None
+    await trio.sleep(2)
+    table.touch(B[0])
+    await trio.sleep(2)
+    assert table.expire() == [(A[0], 1)]
+    assert table.fenced(A[0], INO, after)
+    assert not table.fenced(A[0], INO, table.open_mark())
     # A refused reclaim drops a session's locks without a fence: its table was another's.
+    table.touch(B[0])
     assert table.try_set(INO + 4, False, B, W, 0, 9, 20) is None
     table.drop_session(B[0])
-    assert not table.fenced(B[0], INO + 4)
+    assert not table.fenced(B[0], INO + 4, before)
+
+
+def test_fences_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(locks, "MAX_FENCES", 3)
+    table = LockTable(lease_s=3)
+    before = table.open_mark()
+    for ino in range(5):
+        assert table.try_set(ino, False, A, W, 0, 9, 10) is None
+        table.drop_session(A[0], fence=True)
+    assert [table.fenced(A[0], ino, before) for ino in range(5)] == [False, False, True, True, True]
 
 
 async def test_a_new_table_in_grace_takes_reclaims_then_new_locks(
