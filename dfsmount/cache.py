@@ -77,6 +77,8 @@ PLACEMENT_FRESH_S = 10.0
 # A truncate or utimens of a file being written flushes first; writes racing with that flush
 # (only possible through mmap write-back) get this many more flushes before we go ahead.
 FLUSH_ROUNDS = 3
+# How often a chunk map is asked for again when a commit made here overtook it.
+MAP_LOAD_TRIES = 3
 # How often a read of a chunk whose copies the tracker does not know yet asks again.
 NO_COPY_RETRY_S = 0.5
 # Closed inodes whose unsynced chunks are remembered for a later fsync; past this, an fsync of
@@ -136,6 +138,7 @@ class FileState:
         self.opened: OpenMark | None = None
         self._loss_unreported = False  # writes were dropped by the fence; nobody told yet
         self._map_stale = False  # `remote` and `size` must come from the tracker again
+        self._map_changes = 0  # commits, truncates and punches made here (see `_load_map`)
         self.lock = trio.Lock()
         self._map_lock = trio.Lock()
 
@@ -189,19 +192,26 @@ class FileState:
             return
         async with self._map_lock:
             if self.remote is None or self._map_stale:
-                self._map_stale = False
                 await self._load_map()
+                self._map_stale = False
 
     async def _load_map(self) -> None:
-        chunks = await self.cache.client.get_chunks(self.ino)
+        """(map lock held) The tracker's chunk map. A commit, truncate or punch made here while
+        it was on its way makes it older than what we know: ask again (a few times; then the
+        tracker's is taken, as before this check)."""
+        for _ in range(MAP_LOAD_TRIES):
+            changes = self._map_changes
+            chunks = await self.cache.client.get_chunks(self.ino)
+            if changes == self._map_changes:
+                break
         if chunks.chunk_size <= 0:
             raise Unavailable(
                 f"tracker reported chunk size {chunks.chunk_size} for inode {self.ino}"
             )
         self.chunk_size = chunks.chunk_size
         self.remote = dict(chunks.chunks)
-        if not self.has_local_changes:
-            self.size = chunks.size
+        if not self.has_local_changes or self.fenced is not None:
+            self.size = chunks.size  # (fenced: what is left here is never to land)
 
     # --- writes ---------------------------------------------------------------------------
 
@@ -278,7 +288,7 @@ class FileState:
                 except Unavailable:
                     # As for a read: the tracker may know other copies, or (just restarted)
                     # none yet. The base may also be a newer version by then, or a hole.
-                    if not await self._relocated(buf.index):
+                    if not await self._relocated(buf.index, base):
                         raise
                     base = self.latest(buf.index)
                     stored = await self.cache.chunks.get(base) if base is not None else b""
@@ -376,7 +386,7 @@ class FileState:
         self.first_chunk = None
         return unused
 
-    def fence(self, error: LockFenced) -> None:
+    def fence(self, error: LockFenced, *, locked: bool = False) -> None:
         """The locks this mount held on the file were lost: another host may have changed it
         since. Writes fail with `error` until the last close drops this state, and what was
         written and not committed is dropped, never to land. The first write, fsync or
@@ -385,7 +395,10 @@ class FileState:
         if self.fenced is None:
             log.error("inode %d: writes refused until the file is closed: %s", self.ino, error)
             self.fenced = error
-        self._discard_local_changes()
+        if locked or not self.lock.locked():
+            self._discard_local_changes()
+        # Else a flush, truncate or punch is under way: a commit it has sent may still land
+        # (the tracker decides), and it drops what is left when it sees the fence.
 
     def _discard_local_changes(self) -> None:
         """Forget what was written here and not committed (a chunk still uploading lands in
@@ -422,7 +435,7 @@ class FileState:
         try:
             return await call(*args, **kwargs)
         except LockFenced as exc:
-            self.fence(exc)
+            self.fence(exc, locked=True)
             self._refuse(exc)
 
     def _refuse(self, fenced: LockFenced) -> NoReturn:
@@ -496,7 +509,7 @@ class FileState:
                 self.ino, size, chunks, self.mtime_ns, sync=sync, spares=sync, opened=self.opened
             )
         except LockFenced as exc:
-            self.fence(exc)  # the tracker knew before us: for good, not just this commit
+            self.fence(exc, locked=True)  # the tracker knew before us: for good
             self._loss_unreported = False
             raise
         now = trio.current_time()
@@ -511,6 +524,7 @@ class FileState:
         for info in chunks:
             if self.pending.get(info.index) is info:
                 del self.pending[info.index]
+            self._map_changes += 1
             if self.remote is not None:
                 self.remote[info.index] = info
         self.committed_writes = max(self.committed_writes, writes)
@@ -549,6 +563,7 @@ class FileState:
             attr = await self._fenced_change(
                 self.cache.client.punch_chunks, self.ino, first_whole, end_whole, self.opened
             )
+            self._map_changes += 1
             if self.remote is not None:
                 for index in range(first_whole, end_whole):
                     self.remote.pop(index, None)
@@ -586,6 +601,7 @@ class FileState:
         """Mirror the tracker's truncate in the chunk map: chunks past `size` are gone, the
         one across it is shorter (reads as zeros past its new length)."""
         self.size = size
+        self._map_changes += 1
         self.recent.clear()  # the tracker shortened chunks: their keepers' copies did not
         if self.remote is None or not self.chunk_size:
             return
@@ -632,17 +648,17 @@ class FileState:
         try:
             return await self._read_piece_once(index, start, end)
         except Unavailable:
-            if not await self._relocated(index):
+            if not await self._relocated(index, self.latest(index)):
                 raise
             return await self._read_piece_once(index, start, end)
 
-    async def _relocated(self, index: int) -> bool:
-        """After no copy of chunk `index` could be read: whether the tracker now names other
+    async def _relocated(self, index: int, before: ChunkInfo | None) -> bool:
+        """After no copy of chunk `index` (version `before`) could be read: whether the
+        tracker now names other
         copies (or another version, or a hole) to read instead. The map may name keepers that
         died since, and the tracker may know better ones. If it names none, the tracker has
         just restarted (or taken over) and its keepers have not reported yet: they do within
         seconds, so this waits for them, bounded by io_timeout_s."""
-        before = self.latest(index)
         deadline = trio.current_time() + self.cache.client.io_timeout_s
         while True:
             async with self._map_lock:
@@ -719,7 +735,9 @@ class DataCache:
         """The state of `attr`'s inode, made on its first open (`opened`: that open's mark:
         a state lives until the last close, so its writes go through the oldest open)."""
         state = self.files.get(attr.ino)
-        if state is None:
+        if state is None or state.fenced is not None:
+            # A fenced state serves the opens made before the fence until they close; an
+            # open made since writes knowing, through a state of its own.
             state = self.files[attr.ino] = FileState(self, attr)
             state.opened = opened
             left = self.unsynced_after_close.pop(attr.ino, None)

@@ -178,32 +178,40 @@ class MountLocks:
                 unsent, self._unsent = self._unsent, []
                 for send in unsent:
                     await self._send_release(send)
-                await self._renew()
+            await self._renew()
 
     async def confirm(self, ino: int) -> None:
         """Before a commit, truncate or punch of `ino` (DataCache.before_change): if this
         mount holds locks there and has not heard from the tracker for most of a lease (it
-        was stopped, or cut off), renew now. If they were lost, the file is fenced (on_lost)
-        before anything written under them goes out, even to a tracker that does not know
-        of the loss (one that restarted or took over)."""
+        was stopped, or cut off), renew now, for at most what is left of the lease. If they
+        were lost, or the lease runs out unconfirmed (another mount may hold them by then),
+        the file is fenced (on_lost) before anything written under them goes out, even to a
+        tracker that does not know of the loss (one that restarted or took over)."""
         if self.table is None or not self._stale() or not self._mine.owners_on(ino):
             return
-        async with self._order:
-            if self._stale():  # nobody renewed while we waited
-                await self._renew()
+        with trio.move_on_at(self._confirmed + self.lease_s):
+            await self._renew()
+        if trio.current_time() - self._confirmed > self.lease_s:
+            async with self._order:
+                if self._mine.owners_on(ino):
+                    self._lost(LocksLost("the lease ran out before the tracker confirmed it"))
 
     def _stale(self) -> bool:
         return trio.current_time() - self._confirmed > self.lease_s * 2 / 3
 
     async def _renew(self) -> None:
-        """(under `_order`) Renew the lease of what we hold; reclaim if the tracker changed."""
-        if not self._mine.any_held() or self.table is None:
+        """Renew the lease of what we hold; reclaim from a tracker that no longer has it."""
+        table = self.table
+        if not self._mine.any_held() or table is None:
             return
         try:
-            await self.client.keep_locks(self.table)
+            await self.client.keep_locks(table)
             self._confirmed = trio.current_time()
         except LocksLost as exc:
-            await self._reclaim(exc)
+            with trio.CancelScope(shield=True):  # half a reclaim would be worse than none
+                async with self._order:
+                    if self.table == table:  # nobody reclaimed or lost them meanwhile
+                        await self._reclaim(exc)
         except DfsError as exc:
             log.warning("could not renew the lock lease: %s", exc)
 

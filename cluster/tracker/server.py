@@ -490,7 +490,11 @@ class Tracker:
     def _check_not_fenced(self, session: str, ino: int, opened: list[Any] | None) -> None:
         """Refuse a write of `session` to `ino` through an open made before its locks there
         were released by an expired lease (LockTable.fenced)."""
-        mark = None if opened is None else (str(opened[0]), int(opened[1]))
+        mark = None
+        if opened is not None:
+            if len(opened) != 2 or not isinstance(opened[0], str) or type(opened[1]) is not int:
+                raise InvalidArgument("malformed open mark")
+            mark = (opened[0], opened[1])
         if self.locks.fenced(session, ino, mark):
             raise LockFenced(
                 f"inode {ino}: this mount's locks on it were released while it was silent for "

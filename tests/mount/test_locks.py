@@ -8,7 +8,6 @@ process that exits drops them through close(), as a real program's would.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster_procs import ProcCluster, wait_until
+from tests.cluster_procs import ProcCluster
 from tests.conftest import MakeCluster
 from tests.mount.conftest import Mount, MountFactory
 
@@ -237,9 +236,9 @@ def test_a_mount_stopped_past_its_lease_cannot_write_under_the_lost_lock(
     """A's mount is stopped (SIGSTOP) with a lock held: past its lease the lock is B's, and B
     changes the file. Woken, A's process believes it still holds the lock; its writes through
     the descriptor it locked fail with EIO (as NFS's under a lost lock) and B's bytes stay.
-    What A wrote under the lock and had not flushed is dropped. Once A has closed the file, a
-    new open writes again. With the tracker restarted meanwhile, the new one knows nothing of
-    A's lock (A could not reclaim it): A's mount alone must refuse."""
+    What A wrote under the lock and had not flushed is dropped. A new open on A writes. With
+    the tracker restarted meanwhile, the new one knows nothing of A's lock (A could not
+    reclaim it): A's mount alone must refuse."""
     cluster = make_cluster(tracker_args=["--lock-lease-s", "2"])
     a, b, name = two_mounts(cluster, mount, "f")
     holders.append(holder := Holder(a.path / name, "fcntl", "ex", 0, 0))
@@ -273,26 +272,14 @@ def test_a_mount_stopped_past_its_lease_cannot_write_under_the_lost_lock(
     assert (a.path / name).read_bytes() == b_bytes
     assert "writes refused until the file is closed" in a.logs()
 
-    # Closed, and opened again: A writes knowing (the last close reaches the mount a moment
-    # after the process is gone: until then the open shares the old, refused state).
-    holder.release()
-
-    def write_anew() -> bool:
-        fd = os.open(a.path / name, os.O_RDWR)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX)
-            os.pwrite(fd, b"A-again", 0)
-            os.fsync(fd)
-            os.close(fd)
-            return True
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                raise
-            with contextlib.suppress(OSError):
-                os.close(fd)  # its flush fails the same way
-            return False
-
-    wait_until(write_anew, 10, "a new open of A's to write")
+    # An open made since writes (knowing the lock was lost: it takes it anew), while the
+    # descriptor opened before stays refused.
+    holders.append(anew := Holder(a.path / name, "fcntl", "ex", 0, 0, wait=True))
+    assert anew.answer() == "locked"
+    anew.write(0, "A-again")
+    assert anew.answer() == "wrote"
+    holder.write(0, "stale-again")
+    assert holder.answer() == f"error {errno.EIO}"
     assert (b.path / name).read_bytes()[:15] == b"A-againthe-lock"
 
 

@@ -13,6 +13,7 @@ library, which holds a lock without renewing its lease: a mount that has fallen 
 from __future__ import annotations
 
 import fcntl
+import signal
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,12 @@ import trio
 from cluster.client import Client
 from cluster.errors import LockFenced
 from cluster.locks import LockRange, OpenMark
+from dfsmount.locks import MountLocks
 from tests.cluster_procs import ProcCluster
 from tests.conftest import MakeCluster
 
 WHOLE_WRITE = LockRange(flock=False, type=fcntl.F_WRLCK, pid=1)
-LEASE_S = 2.0
+LEASE_S = 3.0
 
 
 async def _put(client: Client, ino: int, data: bytes, opened: OpenMark | None) -> None:
@@ -45,7 +47,7 @@ async def _read(client: Client, path: str, scratch: Path) -> bytes:
 
 @pytest.fixture
 def cluster(make_cluster: MakeCluster) -> ProcCluster:
-    """Two keepers, and sessions whose locks go two seconds after their last renewal."""
+    """Two keepers, and sessions whose locks go three seconds after their last renewal."""
     return make_cluster(keepers=2, replication=2, tracker_args=["--lock-lease-s", str(LEASE_S)])
 
 
@@ -60,11 +62,11 @@ def test_writes_under_a_lock_lost_to_an_expired_lease_are_refused_until_reopened
             old_open = await _open(silent, ino)
             assert old_open is not None
             await _put(silent, ino, b"before", old_open)
-            assert (await silent.set_lock(ino, 1, WHOLE_WRITE)).granted
-            await _put(silent, ino, b"under the lock", old_open)
             # A second open of the silent session's stays open through what follows: what
             # counts is when an open was made, not how many are open.
             second_open = await _open(silent, ino)
+            assert (await silent.set_lock(ino, 1, WHOLE_WRITE)).granted
+            await _put(silent, ino, b"under the lock", old_open)
 
             # `silent` renews nothing: past its lease, the lock is the other session's.
             with trio.fail_after(30):  # catches a hang
@@ -113,5 +115,45 @@ def test_a_session_that_releases_its_lock_in_time_is_not_fenced(
             await trio.sleep(LEASE_S + 2)  # the lease runs out with nothing held
             await _put(client, ino, b"written later", opened)
             assert await _read(client, "/f", out) == b"written later"
+
+    trio.run(main)
+
+
+def test_a_mount_confirms_its_lease_before_a_write_under_its_locks(cluster: ProcCluster) -> None:
+    """The mount's side (dfsmount/locks.py, MountLocks.confirm, awaited before a commit,
+    truncate or punch of a file it holds locks on): a tracker that restarted or took over
+    knows no fence, so a mount that was silent for most of its lease asks before it writes,
+    and fences the file itself if its locks were lost or cannot be confirmed in time."""
+
+    async def main() -> None:
+        async with cluster.client() as client:
+            ino = (await client.create_file("/f")).ino
+            locks = MountLocks(client)  # its keep_lease task never runs: a silent mount
+            lost: list[set[int]] = []
+            locks.on_lost = lambda inos, exc: lost.append(inos)
+            assert (await locks.set(ino, 1, 7, WHOLE_WRITE, wait=False)).granted
+            await locks.confirm(ino)  # just granted: nothing to ask
+            await locks.confirm(ino + 1)  # holds nothing there
+            assert lost == []
+
+            # Past its lease the tracker has let the locks go: told so, the mount fences.
+            await trio.sleep(LEASE_S + 1.5)
+            await locks.confirm(ino)
+            assert lost == [{ino}]
+
+            # The tracker stops answering: the mount gives up when its lease runs out.
+            assert (await locks.set(ino, 1, 7, WHOLE_WRITE, wait=False)).granted
+            tracker = cluster.tracker
+            assert tracker is not None
+            tracker.signal(signal.SIGSTOP)
+            try:
+                await trio.sleep(LEASE_S * 2 / 3 + 0.2)
+                started = trio.current_time()
+                with trio.fail_after(LEASE_S + 10):  # catches a hang
+                    await locks.confirm(ino)
+                assert lost == [{ino}, {ino}]
+                assert trio.current_time() - started < LEASE_S / 3 + 1
+            finally:
+                tracker.signal(signal.SIGCONT)
 
     trio.run(main)
