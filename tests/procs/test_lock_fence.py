@@ -152,7 +152,8 @@ def test_a_mount_confirms_its_lease_before_a_write_under_its_locks(cluster: Proc
                 with trio.fail_after(LEASE_S + 10):  # catches a hang
                     await locks.confirm(ino)
                 assert lost == [{ino}, {ino}]
-                assert trio.current_time() - started < LEASE_S / 3 + 1
+                # At the lease's end, not after the client's io timeout and retry window.
+                assert trio.current_time() - started < LEASE_S
             finally:
                 tracker.signal(signal.SIGCONT)
 
