@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from cluster.auth import Credentials
 from cluster.client import ROOT_INO, Client
-from cluster.errors import DfsError
+from cluster.errors import DfsError, LockFenced
 from dfsmount.cache import DataCache, FileState
 from tests.cluster_procs import ProcCluster
 from tests.conftest import MakeCluster
@@ -104,3 +105,43 @@ async def test_failed_upload_is_reported_and_sticky(make_cluster: MakeCluster) -
             failed = True
         assert failed, "a write after a failed upload was accepted"
         assert (await cache.client.getattr(state.ino)).size == 0  # nothing was committed
+
+
+async def test_a_fenced_file_drops_what_was_not_committed_and_says_so_once(
+    make_cluster: MakeCluster,
+) -> None:
+    """FileState.fence (the mount's locks on the file were lost): an upload in flight lands
+    and is given back, buffered writes go, their budget is freed; the next flush fails and
+    the one after (a reader's close) does not; writes and truncates fail; reads show the
+    tracker's bytes; an open made since gets a state of its own that writes."""
+    cluster = make_cluster(chunk_size=1 * MiB)
+    async with data_cache(cluster) as cache:
+        state = await new_file(cache, b"fenced")
+        await state.write(0, b"committed")
+        await state.flush()
+        await state.write(0, os.urandom(MiB))  # a full chunk: uploading in the background
+        await state.write(MiB, b"buffered")
+        assert state.uploading
+        assert state.dirty
+
+        state.fence(LockFenced("the locks were lost"))
+        assert not state.dirty
+        for upload in list(state.uploading.values()):
+            await upload.done.wait()
+        assert not state.pending  # the chunk that landed was given back, not kept
+        assert cache.budget.used == 0
+        with pytest.raises(LockFenced):
+            await state.flush()
+        assert not await state.flush()
+        with pytest.raises(LockFenced):
+            await state.write(0, b"more")
+        with pytest.raises(LockFenced):
+            await state.setattr(size_bytes=0)
+        assert bytes(await state.read(0, 100, sequential=False)) == b"committed"
+        assert await read_all(cache, state.ino) == b"committed"
+
+        fresh = cache.open_state(await cache.client.open_file(state.ino))
+        assert fresh is not state
+        await fresh.write(0, b"after")
+        await fresh.flush()
+        assert await read_all(cache, state.ino) == b"aftertted"
