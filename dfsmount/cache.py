@@ -131,7 +131,7 @@ class FileState:
         self.error: DfsError | None = None
         self.error_reported = False  # `error` was raised to some caller (flush, write)
         # Set when this mount's locks on the file were lost (`fence`): writes fail with it
-        # until the last close drops this state.
+        # until the opens this state serves have closed.
         self.fenced: LockFenced | None = None
         # The mark of the open that made this state, carried by its writes (the tracker
         # refuses them once this mount's locks on the file were lost after that open).
@@ -388,8 +388,9 @@ class FileState:
 
     def fence(self, error: LockFenced, *, locked: bool = False) -> None:
         """The locks this mount held on the file were lost: another host may have changed it
-        since. Writes fail with `error` until the last close drops this state, and what was
-        written and not committed is dropped, never to land. The first write, fsync or
+        since. Writes fail with `error` until the opens this state serves have all closed
+        (an open made since gets a state of its own), and what was written and not committed
+        is dropped, never to land. The first write, fsync or
         close after that fails with `error` too, as Linux reports a lost write-back once;
         later flushes (a reader's close) succeed."""
         if self.fenced is None:
@@ -654,11 +655,11 @@ class FileState:
 
     async def _relocated(self, index: int, before: ChunkInfo | None) -> bool:
         """After no copy of chunk `index` (version `before`) could be read: whether the
-        tracker now names other
-        copies (or another version, or a hole) to read instead. The map may name keepers that
-        died since, and the tracker may know better ones. If it names none, the tracker has
-        just restarted (or taken over) and its keepers have not reported yet: they do within
-        seconds, so this waits for them, bounded by io_timeout_s."""
+        tracker now names other copies (or another version, or a hole) to read instead. The
+        map may name keepers that died since, and the tracker may know better ones. If it
+        names none, the tracker has just restarted (or taken over) and its keepers have not
+        reported yet: they do within seconds, so this waits for them, bounded by
+        io_timeout_s."""
         deadline = trio.current_time() + self.cache.client.io_timeout_s
         while True:
             async with self._map_lock:
