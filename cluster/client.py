@@ -272,8 +272,10 @@ class Client:
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
         opened: OpenMark | None = None,
+        locks_table: str = "",
     ) -> Attr:
-        """Change what is not None; `opened`: the open a size change is made through."""
+        """Change what is not None; `opened`: the open a size change is made through,
+        `locks_table`: the lock table of the locks held on the file while it is made."""
         return await self._attr(
             m.SetAttr(
                 ino=ino,
@@ -286,11 +288,17 @@ class Client:
                 ctime_ns=ctime_ns,
                 session=self.session,
                 opened=_wire_mark(opened),
+                locks_table=locks_table,
             )
         )
 
     async def punch_chunks(
-        self, ino: int, first_index: int, end_index: int, opened: OpenMark | None = None
+        self,
+        ino: int,
+        first_index: int,
+        end_index: int,
+        opened: OpenMark | None = None,
+        locks_table: str = "",
     ) -> Attr:
         """Chunks `first_index` to `end_index - 1` become holes (messages.PunchChunks)."""
         return await self._attr(
@@ -300,6 +308,7 @@ class Client:
                 end_index=end_index,
                 session=self.session,
                 opened=_wire_mark(opened),
+                locks_table=locks_table,
             )
         )
 
@@ -893,12 +902,14 @@ class Client:
         *,
         sync: bool = True,
         opened: OpenMark | None = None,
+        locks_table: str = "",
     ) -> Attr:
         """Publish written chunk versions and the file size atomically; with `sync`, return
         once the commit is on the tracker's disk (else once it is committed). `opened`: the
-        open the chunks were written through (`open_file_and_chunks`), if any."""
+        open the chunks were written through (`open_file_and_chunks`), if any;
+        `locks_table`: the lock table of the locks held on the file meanwhile, if any."""
         attr, _ = await self.commit_with_spares(
-            ino, size_bytes, chunks, mtime_ns, sync=sync, opened=opened
+            ino, size_bytes, chunks, mtime_ns, sync=sync, opened=opened, locks_table=locks_table
         )
         return attr
 
@@ -912,6 +923,7 @@ class Client:
         sync: bool = True,
         spares: bool = False,
         opened: OpenMark | None = None,
+        locks_table: str = "",
     ) -> tuple[Attr, dict[int, Placement]]:
         """`commit`; with `spares`, also a next version of each chunk committed, by index,
         allocated on its holders: `write_patch` takes it and needs no AllocateChunk. Give
@@ -926,6 +938,7 @@ class Client:
                 spares=spares,
                 session=self.session,
                 opened=_wire_mark(opened),
+                locks_table=locks_table,
             ),
             m.AttrReply,
         )

@@ -319,6 +319,7 @@ class SetAttr(Message):
     # after that open (errors.LockFenced).
     session: str = ""
     opened: list[Any] | None = None
+    locks_table: str = ""  # the lock table of the writer's locks on the file, if any
 
 
 @message
@@ -751,6 +752,7 @@ class CommitChunks(Message):
     # The writer's session and its open's mark: as SetAttr's.
     session: str = ""
     opened: list[Any] | None = None
+    locks_table: str = ""  # the lock table of the writer's locks on the file, if any
 
 
 @message
@@ -766,6 +768,7 @@ class PunchChunks(Message):
     end_index: int
     session: str = ""  # and `opened`: as SetAttr's
     opened: list[Any] | None = None
+    locks_table: str = ""  # the lock table of the writer's locks on the file, if any
 
 
 @message

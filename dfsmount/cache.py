@@ -53,18 +53,19 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import trio
 
 from cluster.client import Attr, ChunkInfo, Client, FileChunks, Placement
-from cluster.errors import DfsError, LockFenced, Unavailable
+from cluster.errors import DfsError, LockFenced, LockGrace, Unavailable
 from cluster.locks import OpenMark
 from dfsmount import patches
 from dfsmount.buffers import ChunkBuffer, DirtyBudget
 from dfsmount.chunkcache import ChunkCache
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Readable = bytes | bytearray | memoryview
 
@@ -77,6 +78,8 @@ PLACEMENT_FRESH_S = 10.0
 # A truncate or utimens of a file being written flushes first; writes racing with that flush
 # (only possible through mmap write-back) get this many more flushes before we go ahead.
 FLUSH_ROUNDS = 3
+# How long a commit waits before asking again a tracker that waits for our lock reclaims.
+GRACE_RETRY_S = 0.2
 # How often a chunk map is asked for again when a commit made here overtook it.
 MAP_LOAD_TRIES = 3
 # How often a read of a chunk whose copies the tracker does not know yet asks again.
@@ -429,15 +432,28 @@ class FileState:
         self, call: Callable[..., Awaitable[Attr]], *args: Any, **kwargs: Any
     ) -> Attr:
         """(lock held) A truncate or punch on the tracker, unless the file is fenced: checked
-        after the flush before it too, and a fence the tracker answers with stays."""
+        after the flush before it too."""
         self._check_fence()
-        await self.cache.before_change(self.ino)
-        self._check_fence()
-        try:
-            return await call(*args, **kwargs)
-        except LockFenced as exc:
-            self.fence(exc, locked=True)
-            self._refuse(exc)
+        return await self._under_locks(call, *args, **kwargs)
+
+    async def _under_locks(self, call: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """(lock held) A commit, truncate or punch, carrying the lock table of this mount's
+        locks on the file (MountLocks.confirm). A tracker that took over since they were
+        granted answers LockGrace until the mount has reclaimed them (it is asked to at
+        once), and LockFenced if they were lost: the file is fenced for good."""
+        while True:
+            table = await self.cache.before_change(self.ino)
+            if self.fenced is not None:
+                self._discard_local_changes()  # reported by this refusal
+                self._refuse(self.fenced)
+            try:
+                return await call(*args, locks_table=table, **kwargs)
+            except LockFenced as exc:
+                self.fence(exc, locked=True)  # the tracker knew before us
+                self._refuse(exc)
+            except LockGrace:
+                self.cache.on_grace()
+                await trio.sleep(GRACE_RETRY_S)
 
     def _refuse(self, fenced: LockFenced) -> NoReturn:
         """Fail a write (or the flush that tells of dropped writes) of a fenced file."""
@@ -496,7 +512,6 @@ class FileState:
         for upload in list(self.uploading.values()):
             await upload.done.wait()
         self._raise_error()
-        await self.cache.before_change(self.ino)
         if self.fenced is not None:  # the locks were lost while the chunks were uploading
             return await self._flush_fenced()
         chunks = sorted(self.pending.values(), key=lambda c: c.index)
@@ -505,14 +520,10 @@ class FileState:
             size = max(size, min(self.size, info.index * self.chunk_size + info.length))
         # A synced flush (fsync, O_DSYNC) is often one of many small ones: take a spare next
         # version of each chunk, so that the next one patches it with no allocation trip.
-        try:
-            attr, spares = await self.cache.client.commit_with_spares(
-                self.ino, size, chunks, self.mtime_ns, sync=sync, spares=sync, opened=self.opened
-            )
-        except LockFenced as exc:
-            self.fence(exc, locked=True)  # the tracker knew before us: for good
-            self._loss_unreported = False
-            raise
+        attr, spares = await self._under_locks(
+            self.cache.client.commit_with_spares,
+            self.ino, size, chunks, self.mtime_ns, sync=sync, spares=sync, opened=self.opened,
+        )  # fmt: skip
         now = trio.current_time()
         for info in chunks:
             spare = spares.get(info.index)
@@ -704,8 +715,8 @@ class FileState:
             out[: stop - start] = memoryview(stored)[start:stop]
 
 
-async def _nothing_to_confirm(ino: int) -> None:
-    pass
+async def _no_locks_held(ino: int) -> str:
+    return ""
 
 
 class DataCache:
@@ -727,8 +738,11 @@ class DataCache:
         # Told the inode whose uncommitted writes were dropped (the kernel's pages hold them).
         self.on_discard: Callable[[int], object] = lambda ino: None
         # Awaited before a commit, truncate or punch of an inode: the mount's locks make sure
-        # they are still held there if the lease could have run out (MountLocks.confirm).
-        self.before_change: Callable[[int], Awaitable[None]] = _nothing_to_confirm
+        # they are still held there if the lease could have run out, and name the lock table
+        # they were granted in, for the change to carry (MountLocks.confirm).
+        self.before_change: Callable[[int], Awaitable[str]] = _no_locks_held
+        # Called when the tracker waits for this mount to reclaim its locks (LockGrace).
+        self.on_grace: Callable[[], object] = lambda: None
         # Dirty buffers, oldest first: what `relieve_pressure` uploads.
         self._order: dict[tuple[int, int], tuple[FileState, ChunkBuffer]] = {}
 

@@ -132,6 +132,7 @@ class Operations(pyfuse3.Operations):
         self.locks = MountLocks(client)
         self.locks.on_lost = lambda inos, exc: self.data.fence(inos, str(exc))
         self.data.before_change = self.locks.confirm
+        self.data.on_grace = self.locks.renew_soon
         nursery.start_soon(self.locks.keep_lease, name="lock lease")
         # Set once the kernel's INIT request is answered: the kernel applies its settings for
         # the mount (read-ahead among them) when it gets that answer.

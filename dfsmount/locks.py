@@ -180,21 +180,29 @@ class MountLocks:
                     await self._send_release(send)
             await self._renew()
 
-    async def confirm(self, ino: int) -> None:
+    async def confirm(self, ino: int) -> str:
         """Before a commit, truncate or punch of `ino` (DataCache.before_change): if this
         mount holds locks there and has not heard from the tracker for most of a lease (it
         was stopped, or cut off), renew now, for at most what is left of the lease. If they
         were lost, or the lease runs out unconfirmed (another mount may hold them by then),
         the file is fenced (on_lost) before anything written under them goes out, even to a
-        tracker that does not know of the loss (one that restarted or took over)."""
-        if self.table is None or not self._stale() or not self._mine.owners_on(ino):
-            return
-        with trio.move_on_at(self._confirmed + self.lease_s):
-            await self._renew()
-        if trio.current_time() - self._confirmed > self.lease_s:
-            async with self._order:
-                if self._mine.owners_on(ino):
-                    self._lost(LocksLost("the lease ran out before the tracker confirmed it"))
+        tracker that does not know of the loss (one that restarted or took over). Returns
+        the lock table our locks on `ino` were granted in ("" if none), for the change to
+        carry: a tracker that took over refuses it until they are reclaimed."""
+        if self.table is None or not self._mine.owners_on(ino):
+            return ""
+        if self._stale():
+            with trio.move_on_at(self._confirmed + self.lease_s):
+                await self._renew()
+            if trio.current_time() - self._confirmed > self.lease_s:
+                async with self._order:
+                    if self._mine.owners_on(ino):
+                        self._lost(LocksLost("the lease ran out before the tracker confirmed it"))
+        return self.table or ""
+
+    def renew_soon(self) -> None:
+        """A tracker waits for our reclaim (LockGrace): renew now, which reclaims."""
+        self._renew_now.set()
 
     def _stale(self) -> bool:
         return trio.current_time() - self._confirmed > self.lease_s * 2 / 3

@@ -358,7 +358,7 @@ class Tracker:
 
     async def set_attr(self, msg: m.SetAttr, peer: str) -> m.Message:
         if msg.size_bytes is not None:
-            self._check_not_fenced(msg.session, msg.ino, msg.opened)
+            self._check_not_fenced(msg.session, msg.ino, msg.opened, msg.locks_table)
         inode, removal = self.namespace.setattr(
             msg.ino,
             mode=msg.mode,
@@ -487,9 +487,21 @@ class Tracker:
             lease = self.lock_lease_s
             raise LocksLost(f"the session was silent for longer than its {lease} s lease")
 
-    def _check_not_fenced(self, session: str, ino: int, opened: list[Any] | None) -> None:
+    def _check_not_fenced(
+        self, session: str, ino: int, opened: list[Any] | None, locks_table: str
+    ) -> None:
         """Refuse a write of `session` to `ino` through an open made before its locks there
-        were released by an expired lease (LockTable.fenced)."""
+        were released by an expired lease (LockTable.fenced), or made under locks of another
+        lock table (`locks_table`: a tracker before a restart or takeover) that were not
+        reclaimed here: while they still may be (the grace period), the writer is told to
+        ask again (LockGrace, after its mount has reclaimed them); after, they are lost."""
+        if locks_table and locks_table != self.locks.id:
+            if self.locks.in_grace():
+                raise LockGrace(f"inode {ino}: reclaim the locks of table {locks_table} first")
+            raise LockFenced(
+                f"inode {ino}: written under locks of table {locks_table}, which this tracker "
+                "never had back; close the file and open it again"
+            )
         mark = None
         if opened is not None:
             if len(opened) != 2 or not isinstance(opened[0], str) or type(opened[1]) is not int:
@@ -722,7 +734,7 @@ class Tracker:
         )
 
     async def commit_chunks(self, msg: m.CommitChunks, peer: str) -> m.Message:
-        self._check_not_fenced(msg.session, msg.ino, msg.opened)
+        self._check_not_fenced(msg.session, msg.ino, msg.opened, msg.locks_table)
         replaced: list[ChunkRow] = []
         with self.store.transaction():
             inode = self.namespace.inode(msg.ino)
@@ -771,7 +783,7 @@ class Tracker:
         return spares
 
     async def punch_chunks(self, msg: m.PunchChunks, peer: str) -> m.Message:
-        self._check_not_fenced(msg.session, msg.ino, msg.opened)
+        self._check_not_fenced(msg.session, msg.ino, msg.opened, msg.locks_table)
         inode, removal = self.namespace.punch(msg.ino, msg.first_index, msg.end_index)
         self._removed(removal)
         return m.AttrReply(attr=inode.as_list())

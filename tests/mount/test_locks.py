@@ -344,10 +344,14 @@ def test_locks_are_reclaimed_from_a_restarted_tracker(
     # the lock is still a's.
     holders.append(other := Holder(b.path / name, "fcntl", "ex", 0, 0))
     assert other.answer() == f"error {errno.EAGAIN}"
+    # A write under the lock, as the new tracker starts: committed once a has reclaimed it.
+    holder.write(0, "written-across-the-restart")
+    assert holder.answer() == "wrote"
     holder.release()
     holders.append(after := Holder(b.path / name, "fcntl", "ex", 0, 0, wait=True))
     assert after.answer() == "locked"
     assert "reclaimed 1 locks" in a.logs()
+    assert (b.path / name).read_bytes().startswith(b"written-across-the-restart")
 
 
 SQLITE_WRITER = textwrap.dedent(

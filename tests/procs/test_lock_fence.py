@@ -20,8 +20,10 @@ import pytest
 import trio
 
 from cluster.client import Client
-from cluster.errors import LockFenced
+from cluster.errors import DfsError, LockFenced, LockGrace
 from cluster.locks import LockRange, OpenMark
+from cluster.messages import LOCK_TO_END
+from dfsmount.cache import DataCache
 from dfsmount.locks import MountLocks
 from tests.cluster_procs import ProcCluster
 from tests.conftest import MakeCluster
@@ -30,10 +32,13 @@ WHOLE_WRITE = LockRange(flock=False, type=fcntl.F_WRLCK, pid=1)
 LEASE_S = 3.0
 
 
-async def _put(client: Client, ino: int, data: bytes, opened: OpenMark | None) -> None:
-    """Write `data` as the whole file through `client`'s open `opened`, as a mount's flush."""
+async def _put(
+    client: Client, ino: int, data: bytes, opened: OpenMark | None, locks_table: str = ""
+) -> None:
+    """Write `data` as the whole file through `client`'s open `opened` (under locks of
+    `locks_table`), as a mount's flush does."""
     info = await client.write_chunk(ino, 0, data)
-    await client.commit(ino, len(data), [info], opened=opened)
+    await client.commit(ino, len(data), [info], opened=opened, locks_table=locks_table)
 
 
 async def _open(client: Client, ino: int) -> OpenMark | None:
@@ -156,5 +161,94 @@ def test_a_mount_confirms_its_lease_before_a_write_under_its_locks(cluster: Proc
                 assert trio.current_time() - started < LEASE_S
             finally:
                 tracker.signal(signal.SIGCONT)
+
+    trio.run(main)
+
+
+def test_writes_under_locks_of_an_earlier_tracker_wait_for_their_reclaim(
+    cluster: ProcCluster, tmp_path: Path
+) -> None:
+    """A restarted (or new) tracker knows no fence of the old one. A write made under locks
+    granted by the old one (the mount names their lock table) is answered LockGrace while
+    they may still be reclaimed, goes through once they are, and is refused (LockFenced) if
+    they were not by the end of the grace period: another host may hold them by then."""
+    out = tmp_path / "out"
+    tracker = cluster.tracker
+    assert tracker is not None
+
+    async def main() -> None:
+        async with cluster.client() as reclaims, cluster.client() as forgets:
+            writers = {}
+            for name, client in ((b"r", reclaims), (b"f", forgets)):
+                attr, _, _, opened = await client.create(1, name, 0o644)
+                reply = await client.set_lock(attr.ino, 1, WHOLE_WRITE)
+                assert reply.granted
+                await _put(client, attr.ino, b"under the old tracker", opened, reply.table)
+                writers[name] = (client, attr.ino, opened, reply.table)
+            await trio.to_thread.run_sync(cluster.restart, tracker)  # its lock table is gone
+
+            client, ino, opened, old_table = writers[b"r"]
+            with trio.fail_after(30):  # catches a hang
+                while True:  # asked until the new tracker answers
+                    try:
+                        await _put(client, ino, b"too early", opened, old_table)
+                        raise AssertionError("a write under unreclaimed locks was taken")
+                    except LockGrace:
+                        break
+                    except DfsError:
+                        await trio.sleep(0.2)  # not up yet
+            reclaimed = await client.reclaim_locks([[ino, 0, 1, fcntl.F_WRLCK, 0, LOCK_TO_END, 1]])
+            await _put(client, ino, b"after the reclaim", opened, reclaimed.table)
+            assert await _read(client, "/r", out) == b"after the reclaim"
+
+            client, ino, opened, old_table = writers[b"f"]
+            await trio.sleep(LEASE_S + 1)  # the grace period is over
+            with pytest.raises(LockFenced):
+                await _put(client, ino, b"never reclaimed", opened, old_table)
+            assert await _read(client, "/f", out) == b"under the old tracker"
+
+    trio.run(main)
+
+
+def test_a_flush_under_locks_of_an_earlier_tracker_waits_for_the_mount_to_reclaim(
+    make_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    """The mount's side of the above (dfsmount/cache.py, FileState._under_locks): a flush
+    told LockGrace has the mount reclaim its locks at once (the lease task is only started
+    then, so the flush surely comes first) and commits under the new table."""
+    lease_s = 10.0  # the mount's own lease must outlast the restart, or it gives them up
+    cluster = make_cluster(keepers=2, replication=2, tracker_args=["--lock-lease-s", str(lease_s)])
+    tracker = cluster.tracker
+    assert tracker is not None
+
+    async def main() -> None:
+        async with cluster.client() as client, trio.open_nursery() as nursery:
+            cache = DataCache(client, nursery, dirty_bytes=16 << 20, cache_bytes=16 << 20)
+            locks = MountLocks(client)
+            cache.before_change = locks.confirm
+            graces: list[float] = []
+
+            def on_grace() -> None:
+                if not graces:
+                    nursery.start_soon(locks.keep_lease)
+                graces.append(trio.current_time())
+                locks.renew_soon()
+
+            cache.on_grace = on_grace
+            attr, _, _, opened = await client.create(1, b"g", 0o644)
+            state = cache.open_state(attr, opened)
+            assert (await locks.set(attr.ino, 1, 7, WHOLE_WRITE, wait=False)).granted
+            old_table = locks.table
+            await state.write(0, b"before")
+            await state.flush()
+            await trio.to_thread.run_sync(cluster.restart, tracker)
+
+            await state.write(0, b"across the restart")
+            with trio.fail_after(60):  # catches a hang
+                await state.flush()
+            assert graces, "the commit was not asked to wait for the reclaim"
+            assert locks.table not in (None, old_table)
+            assert await _read(client, "/g", tmp_path / "out") == b"across the restart"
+            nursery.cancel_scope.cancel()
 
     trio.run(main)
