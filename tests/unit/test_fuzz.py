@@ -193,6 +193,8 @@ PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "limit": st.integers(0, 50),
     "flags": st.integers(0, 3),
     "session": st.sampled_from(["session-1", "session-2"]),
+    # Mostly no locks held (as most writes are); else a lock table no tracker here has.
+    "locks_table": st.sampled_from(["", "", "", "another-table"]),
     "unused": pairs,
     "index": st.integers(0, 5),
     "first_index": st.integers(0, 5),
